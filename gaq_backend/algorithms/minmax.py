@@ -1,0 +1,57 @@
+"""``minmax``: naive PTQ (algorithm.md section 3). Round-to-nearest weights; activation ranges from
+the FP model's activations on the calibration set. No reconstruction: the floor to beat."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from torch import nn
+
+from ..calibration import CalibrationSet
+from ..config import AlgorithmConfig, ConfigError, QuantConfig
+from ..quantizers.observers import MinMaxObserver, PercentileObserver
+from ..wrapping import quant_layers
+from .common import observing_activations, run_calibration_batches, set_quant_state
+from .registry import register_algorithm
+
+
+@dataclass
+class MinMaxConfig(AlgorithmConfig):
+    name: ClassVar[str] = "minmax"
+    weight_range: Literal["max", "mse"] = "max"       # per-channel max, or MSE search over clipping ratios
+    act_range: Literal["minmax", "percentile"] = "minmax"
+    percentile: float = 99.99                          # used when act_range is "percentile"
+    batch_size: int = 64
+
+    def check(self, where: str = "settings") -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"{where}.percentile must be in (50, 100]; got {self.percentile}")
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size must be >= 1; got {self.batch_size}")
+
+
+def fit_weights(model: nn.Module, method: str) -> None:
+    for _, layer in quant_layers(model):
+        for w, q in zip(layer.weight_parts(), layer.weight_quantizers):
+            q.fit(w.detach(), method)
+
+
+def fit_activations(model: nn.Module, calib: CalibrationSet, cfg: MinMaxConfig, progress: bool) -> None:
+    """Observe every activation quantizer's input on the FP model and set its range."""
+    make = MinMaxObserver if cfg.act_range == "minmax" else (lambda: PercentileObserver(cfg.percentile))
+    set_quant_state(model, weight=False, act=True)
+    with observing_activations(model, make) as obs:
+        run_calibration_batches(model, calib, cfg.batch_size, "activation ranges", progress)
+    set_quant_state(model, weight=True, act=True)
+    quants = dict(model.named_modules())
+    for name, ob in obs.items():
+        quants[name].set_range(*ob.range())
+
+
+@register_algorithm(MinMaxConfig)
+def calibrate_minmax(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model=None, progress: bool = True) -> dict:
+    cfg: MinMaxConfig = config.algorithm
+    fit_weights(model, cfg.weight_range)
+    if config.a_bits < 32:
+        fit_activations(model, calib.train, cfg, progress)
+    return {}

@@ -1,0 +1,136 @@
+"""Calibration capture (algorithm.md section 1), cached on disk, with a timestep-balanced split."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..config import CalibrationConfig, SamplerConfig
+from ..sampling import ddim_sample, initial_noise
+from ..utils.io import torch_save
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class CalibrationSet:
+    """Recorded UNet inputs ``(x_t, t)`` with the FP output ``eps``.
+
+    ``step`` is the index of the recorded step in time order of the sampler (0 = first, noisiest);
+    ``is_val`` marks the validation split and ``group`` the timestep group (0 = smallest t).
+    """
+    x: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor
+    step: torch.Tensor
+    is_val: torch.Tensor
+    group: torch.Tensor
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def subset(self, mask_or_index: torch.Tensor) -> "CalibrationSet":
+        return CalibrationSet(self.x[mask_or_index], self.t[mask_or_index], self.eps[mask_or_index], self.step[mask_or_index],
+                              self.is_val[mask_or_index], self.group[mask_or_index], {k: v[mask_or_index] for k, v in self.cond.items()})
+
+    @property
+    def train(self) -> "CalibrationSet":
+        return self.subset(~self.is_val)
+
+    @property
+    def val(self) -> "CalibrationSet":
+        return self.subset(self.is_val)
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.group.max()) + 1 if len(self) else 0
+
+    def batches(self, batch_size: int):
+        for i in range(0, len(self), batch_size):
+            yield self.subset(slice(i, i + batch_size))
+
+    def check_finite(self) -> None:
+        for name in ("x", "eps"):
+            bad = ~torch.isfinite(getattr(self, name)).flatten(1).all(dim=1)
+            if bad.any():
+                i = int(bad.nonzero()[0])
+                raise ValueError(f"calibration data contains NaN or Inf in '{name}' (sample {i}, t={int(self.t[i])}); "
+                                 "the FP model or the sampler diverged")
+
+
+def split_and_group(step: torch.Tensor, t: torch.Tensor, val_fraction: float, n_groups: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per recorded step, hold out ``val_fraction`` (at least one sample) for validation; cut the
+    steps, ordered by t, into ``n_groups`` runs of consecutive steps of near-equal size."""
+    gen = torch.Generator().manual_seed(seed)
+    is_val = torch.zeros_like(step, dtype=torch.bool)
+    steps = sorted(set(step.tolist()))
+    for s in steps:
+        idx = (step == s).nonzero().flatten()
+        n_val = max(1, int(round(val_fraction * len(idx))))
+        if n_val >= len(idx):
+            raise ValueError(f"calibration step {s} has {len(idx)} samples, too few to hold out {n_val} for validation")
+        is_val[idx[torch.randperm(len(idx), generator=gen)[:n_val]]] = True
+    t_of_step = {s: int(t[step == s][0]) for s in steps}
+    by_t = sorted(steps, key=lambda s: t_of_step[s])
+    if n_groups > len(by_t):
+        raise ValueError(f"n_groups={n_groups} exceeds the {len(by_t)} recorded steps; lower calibration.n_groups or calibration.interval")
+    group = torch.zeros_like(step)
+    for g, run in enumerate(np.array_split(np.array(by_t), n_groups)):
+        for s in run:
+            group[step == int(s)] = g
+    return is_val, group
+
+
+def model_fingerprint(unet: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(unet.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_key(fingerprint: str, scheduler_config: dict, sampler: SamplerConfig, cfg: CalibrationConfig, shape: tuple) -> str:
+    settings = dict(format=CACHE_FORMAT, model=fingerprint, scheduler=scheduler_config, sampler=sampler.to_dict(),
+                    n_per_step=cfg.n_per_step, interval=cfg.interval, seed=cfg.seed, shape=list(shape))
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerConfig, cfg: CalibrationConfig,
+                        progress: bool = True) -> tuple[CalibrationSet, bool]:
+    """Record ``(x_t, t, eps_fp)`` at every ``interval``-th step of one FP DDIM pass from ``n_per_step`` seeds.
+
+    Returns the set and whether it came from the cache. The cache is keyed by the model's weights,
+    the scheduler, the sampler and the capture settings; split and grouping are recomputed each time.
+    """
+    if getattr(unet.config, "num_class_embeds", None) or hasattr(unet.config, "cross_attention_dim"):
+        raise ValueError("calibration capture supports unconditional UNet2DModel only (this model needs conditioning)")
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    key = _cache_key(model_fingerprint(unet), scheduler_config, sampler, cfg, shape)
+    path = os.path.join(cfg.cache_dir, f"calib-{key}.pt")
+    cached = os.path.exists(path)
+    if cached:
+        raw = torch.load(path, weights_only=True)
+    else:
+        rec: dict[str, list[torch.Tensor]] = {"x": [], "t": [], "eps": [], "step": []}
+
+        def on_step(i: int, t: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) -> None:
+            if i % cfg.interval == 0:
+                rec["x"].append(x.clone()); rec["t"].append(t.clone()); rec["eps"].append(eps.clone())
+                rec["step"].append(torch.full_like(t, i // cfg.interval))
+
+        was_training = unet.training
+        unet.eval()
+        ddim_sample(unet, scheduler_config, sampler, initial_noise(cfg.n_per_step, shape, cfg.seed), cfg.batch_size,
+                    on_step, progress="capture" if progress else False, seed=cfg.seed)
+        unet.train(was_training)
+        raw = {k: torch.cat(v) for k, v in rec.items()}
+        torch_save(raw, path)
+    is_val, group = split_and_group(raw["step"], raw["t"], cfg.val_fraction, cfg.n_groups, cfg.seed)
+    calib = CalibrationSet(raw["x"], raw["t"], raw["eps"], raw["step"], is_val, group)
+    calib.check_finite()
+    return calib, cached

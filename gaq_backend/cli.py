@@ -1,0 +1,75 @@
+"""``gaq``: a thin command-line shell over the library."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .pipeline import default_out_dir, run_recipe
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = args.out or default_out_dir(recipe)
+    report = run_recipe(recipe, out, progress=not args.quiet)
+    m, t = report["metrics"], report["timings"]
+    print(f"{report['algorithm']} W{report['w_bits']}A{report['a_bits']}: noise_mse {m['noise_mse']:.6f}, "
+          f"sample_mse_vs_fp {m['sample_mse_vs_fp']:.6f}; capture {t['capture']:.1f}s, calibration {t['calibration']:.1f}s, "
+          f"total {t['total']:.1f}s")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .models.train import TrainConfig, train
+
+    out = train(TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads))
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="gaq", description="Post-training quantization of diffusion UNets.")
+    p.add_argument("--version", action="version", version=f"gaq {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", parents=[common], help="calibrate and quantize a UNet from a recipe")
+    q.add_argument("recipe", help="YAML recipe, e.g. recipes/ddpm-mnist-w4a8.yaml")
+    q.add_argument("--out", help="output folder (default: out/<recipe>-<algorithm>)")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key by dotted path, e.g. --set algorithm=minmax --set quantization.w_bits=8")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_quantize)
+
+    t = sub.add_parser("train", parents=[common], help="train the embedded MNIST DDPM (resumes from OUT.ckpt)")
+    t.add_argument("--out", default=os.path.join("gaq_backend", "assets", "ddpm-mnist"))
+    t.add_argument("--steps", type=int, default=4000)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0)
+    t.set_defaults(func=_cmd_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("gaq: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # ConfigError and UnsupportedLayerError are ValueErrors
+        if args.debug:
+            raise
+        print(f"gaq: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Image grids as PNG."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Model-range images (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = images[i]
+    return out
+
+
+def side_by_side(*grids: np.ndarray, gap: int = 8) -> np.ndarray:
+    h = max(g.shape[0] for g in grids)
+    parts = []
+    for i, g in enumerate(grids):
+        if i:
+            parts.append(np.full((h, gap, g.shape[2]), 255, dtype=np.uint8))
+        parts.append(np.pad(g, ((0, h - g.shape[0]), (0, 0), (0, 0)), constant_values=255))
+    return np.concatenate(parts, axis=1)
+
+
+def save_grid(path: str, image: np.ndarray, scale: int = 2) -> None:
+    from PIL import Image
+
+    img = image[..., 0] if image.shape[-1] == 1 else image
+    pil = Image.fromarray(img)
+    if scale > 1:
+        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    pil.save(path)

@@ -1,0 +1,55 @@
+"""The embedded default: a small MNIST DDPM trained by this project (``gaq train``).
+
+Architecture follows the CIFAR-10 DDPM in miniature: ResNet blocks with a time
+embedding, self-attention at the 8x8 level, and skip concatenations on the up path.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(__file__), "..", "assets", "ddpm-mnist")
+EMBEDDED_MODEL_DIR = os.path.normpath(EMBEDDED_MODEL_DIR)
+
+
+def embedded_unet_config() -> dict[str, Any]:
+    return dict(
+        sample_size=32,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        attention_head_dim=32,
+        norm_num_groups=16,
+    )
+
+
+def build_unet(config: dict[str, Any] | None = None):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**(config or embedded_unet_config()))
+
+
+def load_unet(path: str | None = None):
+    """Load a UNet2DModel saved by ``gaq train`` (config.json + diffusion_pytorch_model.safetensors)."""
+    from diffusers import UNet2DModel
+
+    path = path or EMBEDDED_MODEL_DIR
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model path has no config.json (not a diffusers model folder): {path}")
+    model = UNet2DModel.from_pretrained(path)
+    model.eval()
+    return model
+
+
+def scheduler_config(path: str | None = None) -> dict[str, Any]:
+    path = path or EMBEDDED_MODEL_DIR
+    with open(os.path.join(path, "scheduler_config.json")) as f:
+        return json.load(f)

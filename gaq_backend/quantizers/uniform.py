@@ -82,6 +82,8 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("calibrated", torch.tensor(False))
         # While set, forward hands its input to this callable and returns it unquantized (range calibration).
         self.observer = None
+        # Optional per-timestep scale table (TimestepRanges); replaces scale / zero_point when present.
+        self.timestep_ranges = None
 
     @property
     def enabled(self) -> bool:
@@ -135,6 +137,22 @@ class UniformQuantizer(nn.Module):
         if self.observer is not None:
             self.observer(x)
             return x
+        if self.timestep_ranges is not None:
+            scale, zero = self.timestep_ranges.lookup(x)
+            return fake_quant(x, scale, zero, self.qmin, self.qmax)
         if not bool(self.calibrated):
             raise RuntimeError("quantizer used before calibration: call fit() or set_range() first")
         return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    @torch.no_grad()
+    def set_timestep_ranges(self, t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """One range per timestep (per-tensor quantizers only)."""
+        from .timestep import TimestepRanges
+
+        if self.channel_axis is not None:
+            raise ValueError("timestep ranges are for per-tensor quantizers")
+        s, z = scale_from_range(lo.float(), hi.float(), self.bits, self.symmetric)
+        table = TimestepRanges(len(t))
+        table.t.copy_(t.long()); table.scale.copy_(s); table.zero_point.copy_(z)
+        self.timestep_ranges = table
+        self.calibrated.fill_(True)

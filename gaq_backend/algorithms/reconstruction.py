@@ -1,0 +1,185 @@
+"""Block reconstruction (BRECQ / Q-Diffusion) shared by ``uniform``, ``temporal`` and ``gradient_aligned``.
+
+Per unit, in forward order: cache inputs from the already-quantized model and targets from the FP
+model; learn AdaRound rounding with activations off inside the unit; hard-round; then learn the unit's
+activation step sizes LSQ-style. Every loss takes an optional weight per calibration sample.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Literal
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..calibration import CalibrationSet
+from ..config import AlgorithmConfig, ConfigError, QuantConfig
+from ..quantizers.adaround import AdaRound
+from ..sampling import unet_forward
+from .block_cache import BlockData, cache_block
+from .blocks import ReconUnit, reconstruction_units
+from .common import set_quant_state
+from .minmax import MinMaxConfig, fit_activations, fit_weights
+
+
+@dataclass
+class ReconstructionConfig(AlgorithmConfig):
+    """Published values (Q-Diffusion / BRECQ): iters 20000, act_iters 5000, batch 32, lr 1e-3,
+    act_lr 4e-4, reg_weight 0.01, warmup 0.2, beta 20 -> 2, p 2.4. The defaults here are a CPU budget."""
+    name: ClassVar[str] = ""
+    iters: int = 300                 # AdaRound iterations per unit
+    act_iters: int = 150             # activation step-size iterations per unit (when a_bits < 32)
+    batch_size: int = 32
+    lr: float = 1e-3                 # Adam on AdaRound's V
+    act_lr: float = 4e-4             # Adam on activation step sizes, cosine schedule
+    reg_weight: float = 0.01         # lambda of the rounding regulariser
+    warmup: float = 0.2              # fraction of iters without the rounding term
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    p: float = 2.4                   # Lp norm of the activation-step loss (weights use p = 2)
+    weight_range: Literal["max", "mse"] = "mse"
+    act_range: Literal["minmax", "percentile"] = "minmax"   # initial activation ranges before LSQ
+    percentile: float = 99.99
+    cache_batch_size: int = 64
+    seed: int = 0
+
+    def check(self, where: str = "settings") -> None:
+        for k in ("iters", "act_iters"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{where}.{k} must be >= 0; got {getattr(self, k)}")
+        for k in ("batch_size", "cache_batch_size"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{where}.{k} must be >= 1; got {getattr(self, k)}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"{where}.warmup must be in [0, 1); got {self.warmup}")
+        if self.p <= 0 or self.lr <= 0 or self.act_lr <= 0:
+            raise ConfigError(f"{where}.p, lr and act_lr must be > 0")
+
+
+def per_sample_lp(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
+    """BRECQ's Lp loss per sample: |d|^p summed over channels (dim 1), averaged over the rest."""
+    d = (out - target).abs().pow(p).sum(1)
+    return d.flatten(1).mean(1) if d.dim() > 1 else d
+
+
+def weighted_mean(loss: torch.Tensor, factors: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+    """Mean of per-sample losses, each scaled by ``N * w_i`` when sample weights are given."""
+    return loss.mean() if factors is None else (loss * factors[idx]).mean()
+
+
+def sample_factors(weights: torch.Tensor) -> torch.Tensor:
+    """``N * w`` from normalised weights, via float64 so that uniform weights give exactly 1.0."""
+    return (weights.double() * weights.numel()).float()
+
+
+def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig, a_bits: int,
+                     factors: torch.Tensor | None = None, gen: torch.Generator | None = None) -> dict:
+    """The reconstruction loop for one unit; returns its loss curve (weights phase) and timings."""
+    mod, layers, n = unit.module, [l for _, l in unit.layers()], len(data)
+    gen = gen or torch.Generator().manual_seed(cfg.seed)
+    curve: list[float] = []
+    set_quant_state(mod, weight=True, act=False)
+    for l in layers:
+        l.weight_rounding = AdaRound(l)
+    opt = torch.optim.Adam([v for l in layers for v in l.weight_rounding.V], lr=cfg.lr)
+    warm = int(cfg.warmup * cfg.iters)
+    for it in range(cfg.iters if layers else 0):
+        idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
+        out, target = data.run(mod, idx)
+        loss = weighted_mean(per_sample_lp(out, target, 2.0), factors, idx)
+        curve.append(float(loss.detach()))
+        if it >= warm:  # rounding term after warm-up, beta decaying linearly 20 -> 2
+            beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - (it - warm) / max(1, cfg.iters - warm))
+            loss = loss + cfg.reg_weight * sum(l.weight_rounding.regularizer(beta) for l in layers)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for l in layers:
+        l.freeze_weight()  # hard rounding: h = 1[V >= 0]
+    set_quant_state(mod, weight=True, act=True)
+    act_qs = unit.act_quantizers() if a_bits < 32 else []
+    if act_qs and cfg.act_iters:
+        scales = [q.scale.requires_grad_(True) for q in act_qs]
+        opt = torch.optim.Adam(scales, lr=cfg.act_lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.act_iters, eta_min=0.0)
+        for _ in range(cfg.act_iters):
+            idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
+            out, target = data.run(mod, idx)
+            loss = weighted_mean(per_sample_lp(out, target, cfg.p), factors, idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                for s in scales:
+                    s.clamp_(min=1e-8)
+        for s in scales:
+            s.requires_grad_(False)
+    return {"curve": curve}
+
+
+@torch.no_grad()
+def unit_mse(unit: ReconUnit, data: BlockData, limit: int = 256) -> float:
+    idx = torch.arange(min(limit, len(data)))
+    out, target = data.run(unit.module, idx)
+    return float((out - target).pow(2).mean())
+
+
+def execution_order(model: nn.Module, units: list[ReconUnit], calib: CalibrationSet) -> list[ReconUnit]:
+    """Units sorted by when the forward pass first calls them (registration order can differ: diffusers
+    registers an up block's attentions before its resnets but calls them interleaved)."""
+    seen: list[str] = []
+    hooks = [u.module.register_forward_pre_hook(lambda m, a, name=u.name: seen.append(name) if name not in seen else None) for u in units]
+    try:
+        with torch.no_grad():
+            b = calib.subset(slice(0, 1))
+            unet_forward(model, b.x, b.t, b.cond)
+    finally:
+        for h in hooks:
+            h.remove()
+    rank = {n: i for i, n in enumerate(seen)}
+    missing = [u.name for u in units if u.name not in rank]
+    if missing:
+        raise RuntimeError(f"reconstruction units never called in the forward pass: {missing[:3]}")
+    return sorted(units, key=lambda u: rank[u.name])
+
+
+WeightFn = Callable[[ReconUnit, BlockData, torch.Tensor], torch.Tensor | None]
+
+
+def init_ranges(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: ReconstructionConfig, progress: bool) -> None:
+    fit_weights(model, cfg.weight_range)
+    if config.a_bits < 32:
+        fit_activations(model, calib.train, MinMaxConfig(act_range=cfg.act_range, percentile=cfg.percentile,
+                                                         batch_size=cfg.cache_batch_size), progress)
+
+
+def sweep(model: nn.Module, fp_model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: ReconstructionConfig,
+          progress: bool, exclude: tuple[str, ...] = (), weight_fn: WeightFn | None = None) -> dict:
+    """Reconstruct every unit in forward order. ``weight_fn(unit, data, train_mask)`` may return per-sample
+    factors (``N * w_i``) for the unit's training samples; None means uniform weighting."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    units = execution_order(model, reconstruction_units(model, exclude), calib)
+    train_mask = ~calib.is_val
+    stats = {}
+    bar = tqdm(units, desc="reconstruct", unit="block", disable=not progress)
+    for unit in bar:
+        bar.set_postfix_str(unit.name)
+        t0 = time.perf_counter()
+        data = cache_block(model, unit.module, fp_model, fp_model.get_submodule(unit.name), calib, cfg.cache_batch_size)
+        t1 = time.perf_counter()
+        factors = weight_fn(unit, data, train_mask) if weight_fn is not None else None
+        t2 = time.perf_counter()
+        train = data.subset(train_mask)
+        before = unit_mse(unit, train)
+        info = reconstruct_unit(unit, train, cfg, config.a_bits, factors, gen)
+        stats[unit.name] = dict(kind=unit.kind, mse_before=before, mse_after=unit_mse(unit, train),
+                                seconds_cache=t1 - t0, seconds_weights=t2 - t1, seconds_reconstruct=time.perf_counter() - t2,
+                                loss_first=info["curve"][0] if info["curve"] else math.nan,
+                                loss_last=info["curve"][-1] if info["curve"] else math.nan)
+        del data, train
+    set_quant_state(model, weight=True, act=True)
+    return stats

@@ -1,0 +1,24 @@
+"""``uniform``: Q-Diffusion / BRECQ block reconstruction with AdaRound, every calibration sample
+weighted equally (algorithm.md section 4)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from ..calibration import CalibrationSet
+from ..config import QuantConfig
+from .reconstruction import ReconstructionConfig, init_ranges, sweep
+from .registry import register_algorithm
+
+
+@dataclass
+class UniformConfig(ReconstructionConfig):
+    name: ClassVar[str] = "uniform"
+
+
+@register_algorithm(UniformConfig, needs_fp_model=True)
+def calibrate_uniform(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module, progress: bool = True) -> dict:
+    init_ranges(model, config, calib, config.algorithm, progress)
+    return {"blocks": sweep(model, fp_model, config, calib, config.algorithm, progress)}

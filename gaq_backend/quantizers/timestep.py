@@ -1,0 +1,68 @@
+"""Timestep-dependent activation ranges (TFMQ-DM's finite-set calibration).
+
+A quantizer may carry a :class:`TimestepRanges` table: one scale / zero-point per sampler timestep.
+It picks each batch row's entry by that row's timestep, which the UNet's forward pre-hook (installed by
+:func:`install_timestep_hook`) publishes in a context variable. A timestep absent from the table uses
+the nearest entry.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+import torch
+from torch import nn
+
+_CURRENT_T: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("gaq_current_t", default=None)
+
+
+@contextlib.contextmanager
+def current_timesteps(t: torch.Tensor) -> Iterator[None]:
+    token = _CURRENT_T.set(t.reshape(-1))
+    try:
+        yield
+    finally:
+        _CURRENT_T.reset(token)
+
+
+class TimestepRanges(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.register_buffer("t", torch.zeros(n, dtype=torch.long))
+        self.register_buffer("scale", torch.ones(n))
+        self.register_buffer("zero_point", torch.zeros(n))
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = _CURRENT_T.get()
+        if t is None:
+            raise RuntimeError("timestep-dependent activation ranges need the current timestep; call the UNet (with its "
+                               "timestep hook installed) or wrap the call in current_timesteps(t)")
+        if t.numel() == 1:
+            t = t.expand(x.shape[0])
+        if t.numel() != x.shape[0]:
+            raise RuntimeError(f"timestep batch ({t.numel()}) does not match activation batch ({x.shape[0]})")
+        idx = (t.view(-1, 1) - self.t.view(1, -1)).abs().argmin(dim=1)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return self.scale[idx].view(shape), self.zero_point[idx].view(shape)
+
+
+def _timestep_pre_hook(module, args, kwargs):
+    sample = args[0] if args else kwargs["sample"]
+    t = args[1] if len(args) > 1 else kwargs["timestep"]
+    t = torch.as_tensor(t).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(sample.shape[0])
+    module._gaq_t_token = _CURRENT_T.set(t)
+
+
+def _timestep_post_hook(module, args, kwargs, out):
+    _CURRENT_T.reset(module._gaq_t_token)
+
+
+def install_timestep_hook(unet: nn.Module) -> None:
+    """Publish each forward call's timesteps to the quantizers that carry a timestep table (idempotent)."""
+    if getattr(unet, "_gaq_t_hooks", None):
+        return
+    unet._gaq_t_hooks = (unet.register_forward_pre_hook(_timestep_pre_hook, with_kwargs=True),
+                         unet.register_forward_hook(_timestep_post_hook, with_kwargs=True, always_call=True))

@@ -168,3 +168,28 @@ def test_temporal_fits_one_range_per_sampler_timestep_and_selects_it_in_the_unet
     assert torch.allclose(used[0], q.timestep_ranges.scale[k].expand(2))
     # ranges differ across timesteps (the sinusoidal input changes with t)
     assert q.timestep_ranges.scale.unique().numel() > 1
+
+
+@pytest.mark.parametrize("algorithm", ["uniform", "temporal"])
+def test_recipe_end_to_end_reduces_block_error_and_reloads_exactly(algorithm, write_recipe, tmp_path):
+    import json
+    from gaq_backend import load_quantized
+    from gaq_backend.calibration import capture_calibration
+    from gaq_backend.cli import main
+    from gaq_backend.evaluation import noise_mse
+    from gaq_backend.models import load_unet
+
+    settings = dict(iters=30, act_iters=15, **({"tib_iters": 20} if algorithm == "temporal" else {}))
+    recipe = write_recipe(algorithm=algorithm, settings=settings)
+    out = tmp_path / "out"
+    assert main(["quantize", recipe, "--out", str(out), "--quiet", "--set", "quantization.keep_fp=[conv_in]"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    blocks = rep["algorithm_stats"]["blocks"]
+    assert sum(b["mse_after"] for b in blocks.values()) < sum(b["mse_before"] for b in blocks.values())
+    assert all(b["seconds_reconstruct"] >= 0 for b in blocks.values())
+    if algorithm == "temporal":
+        assert rep["algorithm_stats"]["temporal_block"]["n_layers"] > 0
+        assert not any(k.startswith("time_embedding") for k in blocks)
+    model, sched, r = load_quantized(str(out))
+    calib, _ = capture_calibration(load_unet(r.model), sched, r.sampler, r.calibration, progress=False)
+    assert noise_mse(model, calib.val)[0] == pytest.approx(rep["metrics"]["noise_mse"], rel=1e-5)

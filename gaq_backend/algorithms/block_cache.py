@@ -50,31 +50,13 @@ class BlockData:
             return _output_tensor(module(*b.args, **b.kwargs)), b.target
 
 
-def _capture(model: nn.Module, module: nn.Module, calib: CalibrationSet, batch_size: int, want: str, desc: str, progress: bool):
-    got: list[Any] = []
-
-    def pre(mod, args, kwargs):
-        if want == "input":
-            got.append(([a.detach() if isinstance(a, torch.Tensor) else a for a in args],
-                        {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
-            raise _Stop
-
-    def post(mod, args, kwargs, out):
-        got.append(_output_tensor(out).detach())
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(pre, with_kwargs=True) if want == "input" else \
-        module.register_forward_hook(post, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for b in tqdm(list(calib.batches(batch_size)), desc=desc, unit="batch", disable=not progress, leave=False):
-                try:
-                    unet_forward(model, b.x, b.t, b.cond)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return got
+def _run(model: nn.Module, calib: CalibrationSet, batch_size: int, desc: str, progress: bool) -> None:
+    with torch.no_grad():
+        for b in tqdm(list(calib.batches(batch_size)), desc=desc, unit="batch", disable=not progress, leave=False):
+            try:
+                unet_forward(model, b.x, b.t, b.cond)
+            except _Stop:
+                pass
 
 
 def _cat(items: list[Any]) -> Any:
@@ -84,10 +66,34 @@ def _cat(items: list[Any]) -> Any:
     return first  # non-tensor arguments (None, flags) are the same for every batch
 
 
-def cache_block(qmodel: nn.Module, qmodule: nn.Module, fp_model: nn.Module, fp_module: nn.Module, calib: CalibrationSet,
-                batch_size: int = 64, progress: bool = False) -> BlockData:
-    ins = _capture(qmodel, qmodule, calib, batch_size, "input", "cache inputs", progress)
-    outs = _capture(fp_model, fp_module, calib, batch_size, "output", "cache targets", progress)
-    args = [_cat([i[0][k] for i in ins]) for k in range(len(ins[0][0]))]
-    kwargs = {k: _cat([i[1][k] for i in ins]) for k in ins[0][1]}
-    return BlockData(args, kwargs, torch.cat(outs), calib.t.clone())
+def cache_inputs(qmodel: nn.Module, qmodule: nn.Module, calib: CalibrationSet, batch_size: int = 64,
+                 progress: bool = False) -> tuple[list[Any], dict[str, Any]]:
+    """The unit's positional and keyword inputs in the (partly quantized) model; the pass stops at the unit."""
+    got: list[Any] = []
+
+    def pre(mod, args, kwargs):
+        got.append(([a.detach() if isinstance(a, torch.Tensor) else a for a in args],
+                    {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
+        raise _Stop
+
+    handle = qmodule.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        _run(qmodel, calib, batch_size, "cache inputs", progress)
+    finally:
+        handle.remove()
+    args = [_cat([g[0][k] for g in got]) for k in range(len(got[0][0]))]
+    return args, {k: _cat([g[1][k] for g in got]) for k in got[0][1]}
+
+
+def cache_outputs(fp_model: nn.Module, names: list[str], calib: CalibrationSet, batch_size: int = 64,
+                  progress: bool = False) -> dict[str, torch.Tensor]:
+    """Every named unit's output in the FP model, from one pass (FP targets do not depend on what is quantized)."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [fp_model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: got[n].append(_output_tensor(out).detach()))
+               for n in names]
+    try:
+        _run(fp_model, calib, batch_size, "cache FP targets", progress)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in got.items()}

@@ -19,7 +19,7 @@ from ..calibration import CalibrationSet
 from ..config import AlgorithmConfig, ConfigError, QuantConfig
 from ..quantizers.adaround import AdaRound
 from ..sampling import unet_forward
-from .block_cache import BlockData, cache_block
+from .block_cache import BlockData, cache_inputs, cache_outputs
 from .blocks import ReconUnit, reconstruction_units
 from .common import set_quant_state
 from .minmax import MinMaxConfig, fit_activations, fit_weights
@@ -165,11 +165,13 @@ def sweep(model: nn.Module, fp_model: nn.Module, config: QuantConfig, calib: Cal
     units = execution_order(model, reconstruction_units(model, exclude), calib)
     train_mask = ~calib.is_val
     stats = {}
+    targets = cache_outputs(fp_model, [u.name for u in units], calib, cfg.cache_batch_size, progress)
     bar = tqdm(units, desc="reconstruct", unit="block", disable=not progress)
     for unit in bar:
         bar.set_postfix_str(unit.name)
         t0 = time.perf_counter()
-        data = cache_block(model, unit.module, fp_model, fp_model.get_submodule(unit.name), calib, cfg.cache_batch_size)
+        args, kwargs = cache_inputs(model, unit.module, calib, cfg.cache_batch_size)
+        data = BlockData(args, kwargs, targets.pop(unit.name), calib.t)
         t1 = time.perf_counter()
         factors = weight_fn(unit, data, train_mask) if weight_fn is not None else None
         t2 = time.perf_counter()

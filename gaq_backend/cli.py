@@ -21,6 +21,24 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.fid_eval import evaluate_dir
+    from .evaluation.reference import default_reference
+
+    if args.num_samples < 4:
+        raise ValueError(f"--num-samples must be at least 4; got {args.num_samples}")
+    res = evaluate_dir(args.dir, args.reference or default_reference(), args.num_samples, args.seed, args.steps, args.batch_size,
+                       args.reference_count, args.cache_dir, progress=not args.quiet)
+    n, ref = res["n_samples"], res["reference"]
+    print(f"n = {n} samples per model, reference {ref['name']} ({ref['n']} images), {res['sampler']['num_inference_steps']} DDIM steps")
+    for name in ("fp", "quantized"):
+        m = res[name]
+        extra = f", FID vs FP {m['fid_vs_fp']:.2f}" if "fid_vs_fp" in m else ""
+        print(f"{name:9s} FID {m['fid']:.2f}  sFID {m['sfid']:.2f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}{extra}")
+    print(f"wrote {os.path.join(args.dir, 'eval.json')}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .models.train import TrainConfig, train
 
@@ -45,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe key by dotted path, e.g. --set algorithm=minmax --set quantization.w_bits=8")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
+
+    e = sub.add_parser("eval", parents=[common], help="FID / sFID / precision / recall of a quantized folder and its FP model")
+    e.add_argument("dir", help="output folder of gaq quantize")
+    e.add_argument("--reference", help="MNIST IDX file, folder of PNG/JPEG, or 'embedded-digits' "
+                   "(default: $GAQ_MNIST_TEST, else ../shared/data/mnist test set, else embedded-digits)")
+    e.add_argument("--num-samples", type=int, default=2000)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--steps", type=int, help="DDIM steps (default: the recipe's sampler)")
+    e.add_argument("--batch-size", type=int, default=250)
+    e.add_argument("--reference-count", type=int, help="use only the first N reference images")
+    e.add_argument("--cache-dir", default=".cache/gaq")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_cmd_eval)
 
     t = sub.add_parser("train", parents=[common], help="train the embedded MNIST DDPM (resumes from OUT.ckpt)")
     t.add_argument("--out", default=os.path.join("gaq_backend", "assets", "ddpm-mnist"))

@@ -40,4 +40,4 @@ def save_grid(path: str, image: np.ndarray, scale: int = 2) -> None:
     pil = Image.fromarray(img)
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    pil.save(path)
+    pil.save(path, format="PNG")

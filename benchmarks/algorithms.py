@@ -1,6 +1,7 @@
-"""Compare calibration algorithms on the embedded default: noise_mse, sample_mse_vs_fp and wall times.
+"""Compare calibration algorithms on the embedded default: noise_mse, sample_mse_vs_fp, FID and wall times.
 
     python benchmarks/algorithms.py --algorithms minmax uniform temporal --bits w4a8 w4a32 --json runs/bench/algorithms.json
+    python benchmarks/algorithms.py --bits w4a32 w4a8 w8a8 --fid 1000 --reuse     # adds FID/sFID/P/R (gaq eval) and an FP row
 
 Each row runs the shipped recipe of that algorithm (recipes/ddpm-mnist-w4a8[-ALGO].yaml) with the bit widths
 overridden, the same calibration set (seed 0, cached after the first run) and the same report seeds.
@@ -19,6 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gaq_backend.evaluation.fid_eval import evaluate_dir  # noqa: E402
+from gaq_backend.evaluation.reference import default_reference  # noqa: E402
 from gaq_backend.pipeline import run_recipe  # noqa: E402
 from gaq_backend.recipe import load_recipe  # noqa: E402
 
@@ -37,9 +40,13 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="algorithm seeds (settings.seed)")
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for every row")
     ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--fid", type=int, default=0, metavar="N", help="also run gaq eval with N samples per model")
+    ap.add_argument("--fid-seed", type=int, default=0)
+    ap.add_argument("--reference", help="FID reference (default: as gaq eval)")
+    ap.add_argument("--reuse", action="store_true", help="reuse an existing output folder instead of re-quantizing")
     ap.add_argument("--json")
     args = ap.parse_args()
-    rows = []
+    rows, fp_eval = [], None
     for bits in args.bits:
         w, a = BITS[bits]
         for algo in args.algorithms:
@@ -48,20 +55,43 @@ def main() -> int:
                 if algo != "minmax":
                     overrides.append(f"settings.seed={seed}")
                 recipe = load_recipe(recipe_path(algo), overrides)
+                folder = os.path.join(args.out, f"{algo}-{bits}-s{seed}")
                 t0 = time.perf_counter()
-                rep = run_recipe(recipe, os.path.join(args.out, f"{algo}-{bits}-s{seed}"), progress=False, log=lambda *_: None)
-                rows.append(dict(bits=bits, algorithm=algo, seed=seed, noise_mse=rep["metrics"]["noise_mse"],
-                                 sample_mse_vs_fp=rep["metrics"]["sample_mse_vs_fp"], calibration_s=rep["timings"]["calibration"],
-                                 total_s=time.perf_counter() - t0, report=rep))
-                r = rows[-1]
-                print(f"{bits} {algo} seed {seed}: noise_mse {r['noise_mse']:.5f} sample_mse_vs_fp {r['sample_mse_vs_fp']:.5f} "
-                      f"calibration {r['calibration_s']:.0f}s", flush=True)
+                if args.reuse and os.path.exists(os.path.join(folder, "report.json")):
+                    with open(os.path.join(folder, "report.json")) as f:
+                        rep = json.load(f)
+                else:
+                    rep = run_recipe(recipe, folder, progress=False, log=lambda *_: None)
+                row = dict(bits=bits, algorithm=algo, seed=seed, noise_mse=rep["metrics"]["noise_mse"],
+                           sample_mse_vs_fp=rep["metrics"]["sample_mse_vs_fp"], calibration_s=rep["timings"]["calibration"],
+                           quantize_s=rep["timings"]["total"], report=rep)
+                if args.fid:
+                    ev = evaluate_dir(folder, args.reference or default_reference(), args.fid, args.fid_seed, progress=False)
+                    row["eval"] = ev
+                    fp_eval = fp_eval or ev
+                rows.append(row)
+                print(f"{bits} {algo} seed {seed}: noise_mse {row['noise_mse']:.5f} sample_mse_vs_fp {row['sample_mse_vs_fp']:.5f} "
+                      f"calibration {row['calibration_s']:.0f}s" + (f" FID {row['eval']['quantized']['fid']:.2f}" if args.fid else ""),
+                      flush=True)
     print()
-    print("| bits | algorithm | seed | noise_mse | sample_mse_vs_fp | calibration s | total s |")
-    print("|---|---|---|---|---|---|---|")
+    fid_cols = " FID | sFID | precision | recall | FID vs FP | eval s |" if args.fid else ""
+    print("| bits | algorithm | seed | noise_mse | sample_mse_vs_fp | calibration s | quantize s |" + fid_cols)
+    print("|---" * (7 + (6 if args.fid else 0)) + "|")
+    if fp_eval:
+        m = fp_eval["fp"]
+        print(f"| FP | - | - | - | - | - | - | {m['fid']:.2f} | {m['sfid']:.2f} | {m['precision']:.3f} | {m['recall']:.3f} | - | - |")
     for r in rows:
-        print(f"| {r['bits'].upper()} | {r['algorithm']} | {r['seed']} | {r['noise_mse']:.5f} | {r['sample_mse_vs_fp']:.5f} | "
-              f"{r['calibration_s']:.0f} | {r['total_s']:.0f} |")
+        line = (f"| {r['bits'].upper()} | {r['algorithm']} | {r['seed']} | {r['noise_mse']:.5f} | {r['sample_mse_vs_fp']:.5f} | "
+                f"{r['calibration_s']:.0f} | {r['quantize_s']:.0f} |")
+        if args.fid:
+            m = r["eval"]["quantized"]
+            line += (f" {m['fid']:.2f} | {m['sfid']:.2f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['fid_vs_fp']:.2f} | "
+                     f"{r['eval']['timings']['total']:.0f} |")
+        print(line)
+    if fp_eval:
+        e = fp_eval
+        print(f"\nFID: n = {e['n_samples']} samples per model (seed {e['seed']}, {e['sampler']['num_inference_steps']} DDIM steps), "
+              f"reference {e['reference']['name']} ({e['reference']['n']} images)")
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

@@ -193,3 +193,12 @@ def test_recipe_end_to_end_reduces_block_error_and_reloads_exactly(algorithm, wr
     model, sched, r = load_quantized(str(out))
     calib, _ = capture_calibration(load_unet(r.model), sched, r.sampler, r.calibration, progress=False)
     assert noise_mse(model, calib.val)[0] == pytest.approx(rep["metrics"]["noise_mse"], rel=1e-5)
+
+
+def test_attention_unit_with_all_linears_kept_reconstructs_its_matmul_quantizers(tiny_model_dir, tmp_path):
+    from gaq_backend.algorithms.blocks import reconstruction_units
+
+    model = __import__("gaq_backend.models", fromlist=["load_unet"]).load_unet(tiny_model_dir)
+    wrap_unet(model, 4, 8, ["to_q", "to_k", "to_v", "to_out"])
+    units = [u for u in reconstruction_units(model) if type(u.module).__name__ == "Attention"]
+    assert units and all(not u.layers() and len(u.act_quantizers()) == 4 for u in units)

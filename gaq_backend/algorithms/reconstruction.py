@@ -77,14 +77,15 @@ def sample_factors(weights: torch.Tensor) -> torch.Tensor:
 
 def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig, a_bits: int,
                      factors: torch.Tensor | None = None, gen: torch.Generator | None = None) -> dict:
-    """The reconstruction loop for one unit; returns its loss curve (weights phase) and timings."""
+    """The reconstruction loop for one unit; returns the loss curve of its AdaRound phase."""
     mod, layers, n = unit.module, [l for _, l in unit.layers()], len(data)
     gen = gen or torch.Generator().manual_seed(cfg.seed)
     curve: list[float] = []
     set_quant_state(mod, weight=True, act=False)
     for l in layers:
         l.weight_rounding = AdaRound(l)
-    opt = torch.optim.Adam([v for l in layers for v in l.weight_rounding.V], lr=cfg.lr)
+    if layers:  # an attention unit whose linear layers are all kept has only matmul quantizers
+        opt = torch.optim.Adam([v for l in layers for v in l.weight_rounding.V], lr=cfg.lr)
     warm = int(cfg.warmup * cfg.iters)
     for it in range(cfg.iters if layers else 0):
         idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)

@@ -75,6 +75,15 @@ def sample_factors(weights: torch.Tensor) -> torch.Tensor:
     return (weights.double() * weights.numel()).float()
 
 
+def rounding_loss(layers: list, it: int, iters: int, cfg: ReconstructionConfig) -> torch.Tensor | float:
+    """AdaRound's rounding term: off for the warm-up fraction, then lambda * reg with beta decaying linearly."""
+    warm = int(cfg.warmup * iters)
+    if it < warm:
+        return 0.0
+    beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - (it - warm) / max(1, iters - warm))
+    return cfg.reg_weight * sum(l.weight_rounding.regularizer(beta) for l in layers)
+
+
 def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig, a_bits: int,
                      factors: torch.Tensor | None = None, gen: torch.Generator | None = None) -> dict:
     """The reconstruction loop for one unit; returns the loss curve of its AdaRound phase."""
@@ -86,15 +95,12 @@ def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig
         l.weight_rounding = AdaRound(l)
     if layers:  # an attention unit whose linear layers are all kept has only matmul quantizers
         opt = torch.optim.Adam([v for l in layers for v in l.weight_rounding.V], lr=cfg.lr)
-    warm = int(cfg.warmup * cfg.iters)
     for it in range(cfg.iters if layers else 0):
         idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
         out, target = data.run(mod, idx)
         loss = weighted_mean(per_sample_lp(out, target, 2.0), factors, idx)
         curve.append(float(loss.detach()))
-        if it >= warm:  # rounding term after warm-up, beta decaying linearly 20 -> 2
-            beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - (it - warm) / max(1, cfg.iters - warm))
-            loss = loss + cfg.reg_weight * sum(l.weight_rounding.regularizer(beta) for l in layers)
+        loss = loss + rounding_loss(layers, it, cfg.iters, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -23,7 +23,7 @@ from ..quantizers.observers import MinMaxObserver
 from ..quantizers.timestep import current_timesteps, install_timestep_hook
 from ..wrapping import QuantLayerMixin
 from .common import set_quant_state
-from .reconstruction import ReconstructionConfig, init_ranges, per_sample_lp, sweep
+from .reconstruction import ReconstructionConfig, init_ranges, per_sample_lp, rounding_loss, sweep
 from .registry import register_algorithm
 
 
@@ -58,15 +58,13 @@ def reconstruct_tib(model: nn.Module, fp_model: nn.Module, layers: dict[str, Qua
         l.use_act_quant = False
         l.weight_rounding = AdaRound(l)
     opt = torch.optim.Adam([v for l in tib for v in l.weight_rounding.V], lr=cfg.lr)
-    warm, curve = int(cfg.warmup * cfg.tib_iters), []
+    curve = []
     for it in range(cfg.tib_iters):
         idx = torch.randint(len(t_all), (min(cfg.batch_size, len(t_all)),), generator=gen)
         outs = time_features(model, t_all[idx])
         loss = sum(per_sample_lp(o, tg[idx], 2.0).mean() for o, tg in zip(outs, targets))
         curve.append(float(loss.detach()))
-        if it >= warm:
-            beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - (it - warm) / max(1, cfg.tib_iters - warm))
-            loss = loss + cfg.reg_weight * sum(l.weight_rounding.regularizer(beta) for l in tib)
+        loss = loss + rounding_loss(tib, it, cfg.tib_iters, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import sys
-import time
 
 import torch
 
@@ -56,7 +55,6 @@ def main() -> int:
                     overrides.append(f"settings.seed={seed}")
                 recipe = load_recipe(recipe_path(algo), overrides)
                 folder = os.path.join(args.out, f"{algo}-{bits}-s{seed}")
-                t0 = time.perf_counter()
                 if args.reuse and os.path.exists(os.path.join(folder, "report.json")):
                     with open(os.path.join(folder, "report.json")) as f:
                         rep = json.load(f)

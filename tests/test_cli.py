@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from gaq_backend import load_quantized
 from gaq_backend.cli import main

@@ -84,28 +84,35 @@ def rounding_loss(layers: list, it: int, iters: int, cfg: ReconstructionConfig) 
     return cfg.reg_weight * sum(l.weight_rounding.regularizer(beta) for l in layers)
 
 
-def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig, a_bits: int,
-                     factors: torch.Tensor | None = None, gen: torch.Generator | None = None) -> dict:
-    """The reconstruction loop for one unit; returns the loss curve of its AdaRound phase."""
-    mod, layers, n = unit.module, [l for _, l in unit.layers()], len(data)
-    gen = gen or torch.Generator().manual_seed(cfg.seed)
-    curve: list[float] = []
-    set_quant_state(mod, weight=True, act=False)
+def learn_rounding(layers: list, n: int, iters: int, cfg: ReconstructionConfig, gen: torch.Generator,
+                   batch_loss: Callable[[torch.Tensor], torch.Tensor]) -> list[float]:
+    """AdaRound on ``layers``: Adam on V against ``batch_loss(idx)`` plus the rounding term, then hard rounding.
+    Returns the reconstruction-loss curve."""
     for l in layers:
         l.weight_rounding = AdaRound(l)
-    if layers:  # an attention unit whose linear layers are all kept has only matmul quantizers
-        opt = torch.optim.Adam([v for l in layers for v in l.weight_rounding.V], lr=cfg.lr)
-    for it in range(cfg.iters if layers else 0):
-        idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
-        out, target = data.run(mod, idx)
-        loss = weighted_mean(per_sample_lp(out, target, 2.0), factors, idx)
+    opt = torch.optim.Adam([v for l in layers for v in l.weight_rounding.V], lr=cfg.lr)
+    curve = []
+    for it in range(iters):
+        loss = batch_loss(torch.randint(n, (min(cfg.batch_size, n),), generator=gen))
         curve.append(float(loss.detach()))
-        loss = loss + rounding_loss(layers, it, cfg.iters, cfg)
+        loss = loss + rounding_loss(layers, it, iters, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     for l in layers:
         l.freeze_weight()  # hard rounding: h = 1[V >= 0]
+    return curve
+
+
+def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig, a_bits: int,
+                     factors: torch.Tensor | None = None, gen: torch.Generator | None = None) -> dict:
+    """The reconstruction loop for one unit; returns the loss curve of its AdaRound phase."""
+    mod, layers, n = unit.module, [l for _, l in unit.layers()], len(data)
+    gen = gen or torch.Generator().manual_seed(cfg.seed)
+    set_quant_state(mod, weight=True, act=False)
+    # an attention unit whose linear layers are all kept has only matmul quantizers: nothing to round
+    curve = learn_rounding(layers, n, cfg.iters, cfg, gen,
+                           lambda idx: weighted_mean(per_sample_lp(*data.run(mod, idx), 2.0), factors, idx)) if layers else []
     set_quant_state(mod, weight=True, act=True)
     act_qs = unit.act_quantizers() if a_bits < 32 else []
     if act_qs and cfg.act_iters:

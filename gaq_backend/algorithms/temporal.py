@@ -18,12 +18,11 @@ from torch import nn
 
 from ..calibration import CalibrationSet
 from ..config import QuantConfig
-from ..quantizers.adaround import AdaRound
 from ..quantizers.observers import MinMaxObserver
 from ..quantizers.timestep import current_timesteps, install_timestep_hook
 from ..wrapping import QuantLayerMixin
 from .common import set_quant_state
-from .reconstruction import ReconstructionConfig, init_ranges, per_sample_lp, rounding_loss, sweep
+from .reconstruction import ReconstructionConfig, init_ranges, learn_rounding, per_sample_lp, sweep
 from .registry import register_algorithm
 
 
@@ -56,20 +55,12 @@ def reconstruct_tib(model: nn.Module, fp_model: nn.Module, layers: dict[str, Qua
     tib = list(layers.values())
     for l in tib:
         l.use_act_quant = False
-        l.weight_rounding = AdaRound(l)
-    opt = torch.optim.Adam([v for l in tib for v in l.weight_rounding.V], lr=cfg.lr)
-    curve = []
-    for it in range(cfg.tib_iters):
-        idx = torch.randint(len(t_all), (min(cfg.batch_size, len(t_all)),), generator=gen)
-        outs = time_features(model, t_all[idx])
-        loss = sum(per_sample_lp(o, tg[idx], 2.0).mean() for o, tg in zip(outs, targets))
-        curve.append(float(loss.detach()))
-        loss = loss + rounding_loss(tib, it, cfg.tib_iters, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        return sum(per_sample_lp(o, tg[idx], 2.0).mean() for o, tg in zip(time_features(model, t_all[idx]), targets))
+
+    curve = learn_rounding(tib, len(t_all), cfg.tib_iters, cfg, gen, batch_loss)
     for l in tib:
-        l.freeze_weight()
         l.use_act_quant = True
     if a_bits < 32:
         fit_timestep_ranges(model, tib, t_all)

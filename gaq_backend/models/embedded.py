@@ -9,7 +9,6 @@ import json
 import os
 from typing import Any
 
-import torch
 
 EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(__file__), "..", "assets", "ddpm-mnist")
 EMBEDDED_MODEL_DIR = os.path.normpath(EMBEDDED_MODEL_DIR)

@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--bits", nargs="+", default=["w4a8", "w4a32"], choices=sorted(BITS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="algorithm seeds (settings.seed)")
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for every row")
+    ap.add_argument("--tag", default="", help="suffix of the row label and output folder (for ablations with --set)")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--fid", type=int, default=0, metavar="N", help="also run gaq eval with N samples per model")
     ap.add_argument("--fid-seed", type=int, default=0)
@@ -54,13 +55,14 @@ def main() -> int:
                 if algo != "minmax":
                     overrides.append(f"settings.seed={seed}")
                 recipe = load_recipe(recipe_path(algo), overrides)
-                folder = os.path.join(args.out, f"{algo}-{bits}-s{seed}")
+                label = f"{algo}-{args.tag}" if args.tag else algo
+                folder = os.path.join(args.out, f"{label}-{bits}-s{seed}")
                 if args.reuse and os.path.exists(os.path.join(folder, "report.json")):
                     with open(os.path.join(folder, "report.json")) as f:
                         rep = json.load(f)
                 else:
                     rep = run_recipe(recipe, folder, progress=False, log=lambda *_: None)
-                row = dict(bits=bits, algorithm=algo, seed=seed, noise_mse=rep["metrics"]["noise_mse"],
+                row = dict(bits=bits, algorithm=label, seed=seed, overrides=args.set, noise_mse=rep["metrics"]["noise_mse"],
                            sample_mse_vs_fp=rep["metrics"]["sample_mse_vs_fp"], calibration_s=rep["timings"]["calibration"],
                            quantize_s=rep["timings"]["total"], report=rep)
                 if args.fid:
@@ -68,7 +70,7 @@ def main() -> int:
                     row["eval"] = ev
                     fp_eval = fp_eval or ev
                 rows.append(row)
-                print(f"{bits} {algo} seed {seed}: noise_mse {row['noise_mse']:.5f} sample_mse_vs_fp {row['sample_mse_vs_fp']:.5f} "
+                print(f"{bits} {label} seed {seed}: noise_mse {row['noise_mse']:.5f} sample_mse_vs_fp {row['sample_mse_vs_fp']:.5f} "
                       f"calibration {row['calibration_s']:.0f}s" + (f" FID {row['eval']['quantized']['fid']:.2f}" if args.fid else ""),
                       flush=True)
     print()

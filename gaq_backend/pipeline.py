@@ -56,6 +56,8 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print) -
     qcfg = recipe.quant_config()
     quantize(unet, qcfg, calib, progress=progress)
     timings["calibration"] = time.perf_counter() - t
+    # files an algorithm writes beside the model (name -> writer(path)); not part of the JSON report
+    artifacts = unet.gaq_info.stats.pop("artifacts", {})
     log(unet.gaq_info.wrap.summary())
 
     t = time.perf_counter()
@@ -79,6 +81,8 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print) -
     with atomic_dir(out_dir) as tmp:
         save_quantized(unet, tmp, sched_cfg)
         dump_recipe(recipe, os.path.join(tmp, "recipe.yaml"))
+        for name, write in artifacts.items():
+            write(os.path.join(tmp, name))
         n = min(rep.grid, rep.num_samples)
         save_grid(os.path.join(tmp, "samples.png"), side_by_side(grid(to_uint8(fp_imgs[:n])), grid(to_uint8(q_imgs[:n]))))
         timings["total"] = time.perf_counter() - t_start

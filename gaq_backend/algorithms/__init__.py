@@ -6,6 +6,7 @@ from .registry import AlgorithmSpec, UnknownAlgorithmError, available_algorithms
 from .minmax import MinMaxConfig
 from .uniform import UniformConfig
 from .temporal import TemporalConfig
+from .gradient_aligned import GradientAlignedConfig
 
 __all__ = ["AlgorithmSpec", "UnknownAlgorithmError", "available_algorithms", "get_algorithm", "register_algorithm",
-           "MinMaxConfig", "UniformConfig", "TemporalConfig"]
+           "MinMaxConfig", "UniformConfig", "TemporalConfig", "GradientAlignedConfig"]

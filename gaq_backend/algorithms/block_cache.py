@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from tqdm import tqdm
 
 from ..calibration import CalibrationSet
@@ -44,10 +45,14 @@ class BlockData:
         pick = lambda v: v[idx] if isinstance(v, torch.Tensor) else v  # noqa: E731
         return BlockData([pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}, self.target[idx], self.t[idx])
 
-    def run(self, module: nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, module: nn.Module, idx: torch.Tensor, params: dict[str, torch.Tensor] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unit's output on samples ``idx`` and their FP targets; ``params`` replaces named
+        parameters for this call (``torch.func.functional_call``), leaving the module untouched."""
         b = self.subset(idx)
         with current_timesteps(b.t):
-            return _output_tensor(module(*b.args, **b.kwargs)), b.target
+            out = module(*b.args, **b.kwargs) if params is None else functional_call(module, params, tuple(b.args), b.kwargs)
+            return _output_tensor(out), b.target
 
 
 def _run(model: nn.Module, calib: CalibrationSet, batch_size: int, desc: str, progress: bool) -> None:

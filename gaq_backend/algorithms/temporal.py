@@ -22,7 +22,7 @@ from ..quantizers.observers import MinMaxObserver
 from ..quantizers.timestep import current_timesteps, install_timestep_hook
 from ..wrapping import QuantLayerMixin
 from .common import set_quant_state
-from .reconstruction import ReconstructionConfig, init_ranges, learn_rounding, per_sample_lp, sweep
+from .reconstruction import ReconstructionConfig, WeightFn, init_ranges, learn_rounding, per_sample_lp, sweep
 from .registry import register_algorithm
 
 
@@ -92,7 +92,9 @@ def fit_timestep_ranges(model: nn.Module, tib: list[QuantLayerMixin], t_all: tor
 
 
 @register_algorithm(TemporalConfig, needs_fp_model=True)
-def calibrate_temporal(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module, progress: bool = True) -> dict:
+def calibrate_temporal(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module, progress: bool = True,
+                       weight_fn: WeightFn | None = None) -> dict:
+    """TIB first, then the other units; ``weight_fn`` (see ``sweep``) weights the units' samples."""
     cfg: TemporalConfig = config.algorithm
     if calib.timesteps is None:
         raise ValueError("temporal calibration needs the sampler's timesteps in the calibration set (re-capture it)")
@@ -108,5 +110,5 @@ def calibrate_temporal(model: nn.Module, config: QuantConfig, calib: Calibration
         stats["temporal_block"]["seconds"] = time.perf_counter() - t0
     else:
         stats["temporal_block"] = "all time-path layers are kept in full precision (keep_fp); nothing to reconstruct"
-    stats["blocks"] = sweep(model, fp_model, config, calib, cfg, progress, exclude=tuple(layers))
+    stats["blocks"] = sweep(model, fp_model, config, calib, cfg, progress, exclude=tuple(layers), weight_fn=weight_fn)
     return stats

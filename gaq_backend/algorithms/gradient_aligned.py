@@ -1,0 +1,316 @@
+"""``gradient_aligned``: meta-learned sample weights for block reconstruction (algorithm.md section 6).
+
+Algorithm 1: for each unit, learn one weight per training calibration sample (Algorithm 2), then
+reconstruct the unit exactly as ``uniform`` (or ``temporal``) does, with the loss of sample i scaled
+by N * w_i.
+
+Algorithm 2, per unit: logits s, w = softmax(s / tau). Each outer step takes one inner step of the
+unit's AdaRound parameters theta on the w-weighted loss of a training batch, evaluates the validation
+loss per timestep group at theta', and moves s down the gradient of L_mse(val) + L_gm^(2). To first
+order dL_g/dw_i = -eta * grad l_i(theta) . G_g(theta'), so the outer step needs only the dot products
+of each batch sample's gradient with each group gradient; central differences give them from 2G
+no-grad forwards of the batch, without materialising per-sample gradients. ``order: second``
+differentiates through the inner step with autograd instead (exact, two orders of magnitude slower).
+A probe copy of theta advances with the inner gradient (learning-to-reweight style) and is discarded.
+
+theta is AdaRound's V only: the reconstruction's rounding phase runs with the unit's activation
+quantizers off, and with them on the loss would be piecewise constant in V (finite differences and
+the first-order identity would see rounding noise). Activation step sizes are still learned with the
+weighted loss in the reconstruction's second phase.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..calibration import CalibrationSet
+from ..config import ConfigError, QuantConfig
+from ..quantizers.adaround import AdaRound
+from .block_cache import BlockData
+from .blocks import ReconUnit
+from .common import set_quant_state
+from .reconstruction import init_ranges, per_sample_lp, sample_factors, sweep
+from .registry import register_algorithm
+from .temporal import TemporalConfig, calibrate_temporal
+
+
+@dataclass
+class GradientAlignedConfig(TemporalConfig):
+    """Paper values in brackets. The validation split and the timestep groups are the calibration
+    section's ``val_fraction`` [0.05] and ``n_groups`` [5]."""
+    name: ClassVar[str] = "gradient_aligned"
+    base: Literal["uniform", "temporal"] = "uniform"   # reconstruction the weights plug into
+    tau: float = 1.0                  # softmax temperature [1; 0.2 collapses]
+    outer_iters: int = 16             # outer steps per unit [1500]
+    # Adam on the logits [5e-6]. Adam moves a logit by about outer_lr per step, so the paper's 1,500 x 5e-6
+    # changes weights by < 1%; 16 x 0.05 lets them move by up to e^0.8 (docs/benchmarks.md, ablation rows)
+    outer_lr: float = 0.05
+    outer_batch_size: int = 32        # training samples per inner step
+    inner_lr: float = 1e-3            # RMS size of the inner step on V (the gradient is normalised) [not given]
+    init_logit: float = 1 / 32        # [1/32]; any constant gives uniform weights
+    alignment: Literal["dot", "cosine"] = "dot"          # L_gm^(2) as written, or on cosines (Figure 1a)
+    order: Literal["first", "second"] = "first"          # outer gradient: first-order identity or exact autograd
+    validation: Literal["mse+gm", "mse"] = "mse+gm"      # "mse" drops L_gm (ablation)
+    fd_step: float = 1e-3             # central-difference step: max |change of V| along a group gradient
+    diagnostics: bool = True          # entropy, gradient cosine distances, weight-vs-alignment data and plots
+    diagnostic_samples: int = 256     # training samples used for the per-group gradient cosine distances
+
+    def check(self, where: str = "settings") -> None:
+        super().check(where)
+        for k in ("tau", "outer_lr", "inner_lr", "fd_step"):
+            if not getattr(self, k) > 0:
+                raise ConfigError(f"{where}.{k} must be > 0; got {getattr(self, k)}")
+        if self.outer_iters < 0:
+            raise ConfigError(f"{where}.outer_iters must be >= 0; got {self.outer_iters}")
+        for k in ("outer_batch_size", "diagnostic_samples"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{where}.{k} must be >= 1; got {getattr(self, k)}")
+
+
+def softmax_vjp(w: torch.Tensor, d: torch.Tensor, tau: float) -> torch.Tensor:
+    """J^T d for J = dw/ds, w = softmax(s / tau): the gradients dL_g/ds from dL_g/dw (columns of ``d``)."""
+    return w[:, None] * (d - (w @ d)[None, :]) / tau
+
+
+def alignment_loss(gw: torch.Tensor, kind: str) -> torch.Tensor:
+    """L_gm^(2): minus the mean similarity over unordered pairs of the columns of ``gw`` (one per group)."""
+    if kind == "cosine":
+        gw = gw / gw.norm(dim=0, keepdim=True).clamp_min(1e-300)
+    gram = gw.T @ gw
+    i, j = torch.triu_indices(gw.shape[1], gw.shape[1], 1)
+    return -gram[i, j].mean()
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+
+
+def _cos_distances(grads: list[list[torch.Tensor]]) -> list[list[float]]:
+    norms = [math.sqrt(float(_dot(g, g))) or 1e-300 for g in grads]
+    return [[1 - float(_dot(a, b)) / (na * nb) for b, nb in zip(grads, norms)] for a, na in zip(grads, norms)]
+
+
+def _mean_offdiag(m: list[list[float]]) -> float:
+    vals = [m[i][j] for i in range(len(m)) for j in range(len(m)) if i != j]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+class UnitProbe:
+    """A unit's AdaRound parameters as plain tensors and its per-sample losses as a function of them."""
+
+    def __init__(self, unit: ReconUnit) -> None:
+        self.module, self.layers = unit.module, [l for _, l in unit.layers()]
+        for l in self.layers:
+            l.weight_rounding = AdaRound(l)
+        named = [(n, p) for n, p in self.module.named_parameters() if "weight_rounding.V." in n]
+        self.names = [n for n, _ in named]
+        self.theta = [p.detach().clone().requires_grad_(True) for _, p in named]
+
+    def losses(self, theta: list[torch.Tensor], data: BlockData, idx: torch.Tensor) -> torch.Tensor:
+        out, target = data.run(self.module, idx, dict(zip(self.names, theta)))
+        return per_sample_lp(out, target, 2.0)
+
+    def group_grads(self, theta: list[torch.Tensor], data: BlockData, groups: list[torch.Tensor],
+                    create_graph: bool = False) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+        """Gradient of each group's mean loss, and the losses."""
+        grads, losses = [], []
+        for idx in groups:
+            loss = self.losses(theta, data, idx).mean()
+            grads.append(list(torch.autograd.grad(loss, theta, create_graph=create_graph)))
+            losses.append(loss)
+        return grads, torch.stack(losses)
+
+    @torch.no_grad()
+    def alignments(self, theta: list[torch.Tensor], data: BlockData, idx: torch.Tensor,
+                   directions: list[list[torch.Tensor]], fd_step: float) -> torch.Tensor:
+        """(B, G) matrix of grad l_i(theta) . direction_g by central differences, in float64."""
+        cols = []
+        for d in directions:
+            eps = fd_step / max(max(float(x.abs().max()) for x in d), 1e-30)
+            plus = self.losses([t + eps * x for t, x in zip(theta, d)], data, idx).double()
+            minus = self.losses([t - eps * x for t, x in zip(theta, d)], data, idx).double()
+            cols.append((plus - minus) / (2 * eps))
+        return torch.stack(cols, 1)
+
+    def close(self) -> None:
+        for l in self.layers:
+            l.weight_rounding = None
+
+
+@dataclass
+class OuterStep:
+    grad_s: torch.Tensor                    # gradient of the validation objective in the logits
+    inner_grad: list[torch.Tensor]          # the inner step's gradient on theta (the probe also steps with it)
+    eta: float                              # the inner step's SGD learning rate (inner_lr / RMS of inner_grad)
+    group_grads: list[list[torch.Tensor]]   # G_g at theta'
+    alignments: torch.Tensor                # (B, G): grad l_i(theta) . G_g
+    gm_ratio: float | None                  # |grad L_gm| / |grad L_mse| in logit space
+
+
+def outer_step(probe: UnitProbe, theta: list[torch.Tensor], s: torch.Tensor, idx: torch.Tensor, train: BlockData,
+               val: BlockData, val_groups: list[torch.Tensor], p: torch.Tensor, cfg: GradientAlignedConfig) -> OuterStep:
+    """d/ds of L_mse(theta'(s); val) [+ L_gm^(2)] for theta' = theta - eta * grad of the batch's N*w-weighted loss."""
+    n, b = len(s), len(idx)
+    first = cfg.order == "first"
+    s_ = s.detach().requires_grad_(True)
+    w = torch.softmax(s_ / cfg.tau, 0)
+    th = [t.detach().requires_grad_(True) for t in theta]
+    inner = (probe.losses(th, train, idx) * (n * w[idx]).to(th[0].dtype)).mean()
+    g = torch.autograd.grad(inner, th, create_graph=not first)
+    # the step's size is fixed (RMS = inner_lr) and its normaliser held constant in the outer gradient
+    rms = torch.sqrt(sum(x.detach().pow(2).sum() for x in g) / sum(x.numel() for x in g))
+    eta = cfg.inner_lr / max(float(rms), 1e-30)
+    if first:
+        theta_p = [(t - eta * x).detach().requires_grad_(True) for t, x in zip(th, g)]
+        G, _ = probe.group_grads(theta_p, val, val_groups)
+        A = probe.alignments([t.detach() for t in th], train, idx, G, cfg.fd_step)
+        d = torch.zeros(n, len(val_groups), dtype=torch.float64).index_add_(0, idx, -(eta * n / b) * A)
+        objective = (w * (d @ p)).sum()   # its gradient in s is the validation MSE's, J^T d p
+    else:
+        theta_p = [t - eta * x for t, x in zip(th, g)]
+        G, losses = probe.group_grads(theta_p, val, val_groups, create_graph=True)
+        d = torch.stack([torch.autograd.grad(l, w, create_graph=True)[0] for l in losses.double()], 1)
+        A = -d[idx].detach() / (eta * n / b)
+        objective = losses.double() @ p
+    with_gm = cfg.validation == "mse+gm"
+    grad_s = torch.autograd.grad(objective, s_, retain_graph=with_gm)[0]
+    ratio = None
+    if with_gm:
+        grad_gm = torch.autograd.grad(alignment_loss(softmax_vjp(w, d, cfg.tau), cfg.alignment), s_)[0]
+        ratio = float(grad_gm.norm() / grad_s.norm().clamp_min(1e-300))
+        grad_s = grad_s + grad_gm
+    return OuterStep(grad_s.detach(), [x.detach() for x in g], eta, [[x.detach() for x in gg] for gg in G], A.detach(), ratio)
+
+
+@dataclass
+class UnitWeights:
+    factors: torch.Tensor | None      # N * w per training sample (None: nothing to learn, uniform)
+    stats: dict
+    alignment: torch.Tensor | None = None   # per-sample mean alignment with the unit-norm group gradients (NaN: never drawn)
+
+
+def learn_sample_weights(unit: ReconUnit, data: BlockData, train_mask: torch.Tensor, group: torch.Tensor,
+                         cfg: GradientAlignedConfig, gen: torch.Generator) -> UnitWeights:
+    """Algorithm 2 for one unit: N * w for the unit's training samples."""
+    if not unit.layers():
+        return UnitWeights(None, {"skipped": "no weights to round in this unit"})
+    t0 = time.perf_counter()
+    train, val = data.subset(train_mask), data.subset(~train_mask)
+    g_train, g_val = group[train_mask], group[~train_mask]
+    n_groups = int(group.max()) + 1
+    val_groups = [(g_val == g).nonzero().flatten() for g in range(n_groups)]
+    if any(len(v) == 0 for v in val_groups):
+        raise ConfigError("gradient_aligned needs validation samples in every timestep group; "
+                          "raise calibration.val_fraction or calibration.n_per_step")
+    p = torch.tensor([len(v) for v in val_groups], dtype=torch.float64)
+    p /= p.sum()
+    n, b = len(train), min(cfg.outer_batch_size, len(train))
+    set_quant_state(unit.module, weight=True, act=False)
+    probe = UnitProbe(unit)
+    try:
+        theta = probe.theta
+        opt_theta = torch.optim.Adam(theta, lr=cfg.lr)
+        s = torch.full((n,), cfg.init_logit, dtype=torch.float64, requires_grad=True)
+        # the outer gradients are O(eta / N): a vanishing eps keeps Adam scale-free, as it is meant to be
+        opt_s = torch.optim.Adam([s], lr=cfg.outer_lr, eps=1e-30)
+        gm_ratio: list[float] = []   # |grad of L_gm| / |grad of L_mse| in logit space, per outer step
+        align_sum, align_cnt = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        for _ in range(cfg.outer_iters):
+            idx = torch.randint(n, (b,), generator=gen)
+            step = outer_step(probe, theta, s, idx, train, val, val_groups, p, cfg)
+            if step.gm_ratio is not None:
+                gm_ratio.append(step.gm_ratio)
+            s.grad = step.grad_s
+            opt_s.step()
+            g_norms = torch.tensor([math.sqrt(float(_dot(x, x))) or 1e-300 for x in step.group_grads], dtype=torch.float64)
+            align_sum.index_add_(0, idx, (step.alignments / g_norms).mean(1))
+            align_cnt.index_add_(0, idx, torch.ones(b, dtype=torch.float64))
+            for t, x in zip(theta, step.inner_grad):
+                t.grad = x
+            opt_theta.step()
+        w = torch.softmax(s.detach() / cfg.tau, 0)
+        factors = sample_factors(w)
+        entropy = float(-(w * w.clamp_min(1e-300).log()).sum() / math.log(n)) if n > 1 else 1.0
+        stats = dict(entropy=entropy, factor_min=float(factors.min()), factor_max=float(factors.max()),
+                     outer_iters=cfg.outer_iters, seconds=0.0)
+        if gm_ratio:
+            stats["gm_to_mse_grad_ratio"] = sum(gm_ratio) / len(gm_ratio)
+        alignment = torch.where(align_cnt > 0, align_sum / align_cnt.clamp_min(1), torch.full_like(align_sum, math.nan))
+        seen = align_cnt > 0
+        if int(seen.sum()) > 2 and float(factors[seen].std()) > 0:
+            stats["corr_weight_alignment"] = float(torch.corrcoef(torch.stack([factors[seen].double(), alignment[seen]]))[0, 1])
+        if cfg.diagnostics:
+            stats.update(_group_gradient_distances(probe, theta, train, g_train, w, n_groups, cfg.diagnostic_samples))
+        stats["seconds"] = time.perf_counter() - t0
+        return UnitWeights(factors, stats, alignment.float())
+    finally:
+        probe.close()
+
+
+def _group_gradient_distances(probe: UnitProbe, theta: list[torch.Tensor], train: BlockData, g_train: torch.Tensor,
+                              w: torch.Tensor, n_groups: int, limit: int) -> dict:
+    """The paper's Figure 1a: pairwise cosine distance of the per-group training gradients at the probe's
+    parameters, with uniform weights ("before") and with the learned weights ("after")."""
+    sub = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:limit]  # never shifts the learning stream
+    before, after = [], []
+    th = [t.detach().requires_grad_(True) for t in theta]
+    for g in range(n_groups):
+        idx = sub[g_train[sub] == g]
+        if len(idx) == 0:
+            continue
+        loss = probe.losses(th, train, idx)
+        before.append(list(torch.autograd.grad(loss.mean(), th, retain_graph=True)))
+        wi = w[idx] / w[idx].sum()
+        after.append(list(torch.autograd.grad((loss * wi.float()).sum(), th)))
+    mb, ma = _cos_distances(before), _cos_distances(after)
+    return dict(cos_dist_before=_mean_offdiag(mb), cos_dist_after=_mean_offdiag(ma), cos_dist_matrix_before=mb, cos_dist_matrix_after=ma)
+
+
+class SampleWeightLearner:
+    """The ``weight_fn`` handed to ``sweep``: learns each unit's weights and keeps their diagnostics."""
+
+    def __init__(self, cfg: GradientAlignedConfig, group: torch.Tensor, t: torch.Tensor) -> None:
+        self.cfg, self.group, self.t = cfg, group, t
+        # its own stream, so the reconstruction draws the same batches as ``uniform`` with the same seed
+        self.gen = torch.Generator().manual_seed(cfg.seed + 2)
+        self.units: dict[str, UnitWeights] = {}
+        self.train_mask: torch.Tensor | None = None
+
+    def __call__(self, unit: ReconUnit, data: BlockData, train_mask: torch.Tensor) -> torch.Tensor | None:
+        self.train_mask = train_mask
+        result = learn_sample_weights(unit, data, train_mask, self.group, self.cfg, self.gen)
+        self.units[unit.name] = result
+        return result.factors
+
+    def summary(self) -> dict:
+        learned = {k: v.stats for k, v in self.units.items()}
+        ent = [s["entropy"] for s in learned.values() if "entropy" in s]
+        return dict(units=learned, min_entropy=min(ent) if ent else None,
+                    seconds=sum(s.get("seconds", 0.0) for s in learned.values()))
+
+    def artifacts(self) -> dict[str, Callable[[str], None]]:
+        from .gradient_aligned_report import write_plots, write_weights
+
+        return {"sample_weights.pt": lambda path: write_weights(self, path),
+                "weight_vs_alignment.png": lambda path: write_plots(self, path, "alignment"),
+                "group_gradient_distance.png": lambda path: write_plots(self, path, "distance")}
+
+
+@register_algorithm(GradientAlignedConfig, needs_fp_model=True)
+def calibrate_gradient_aligned(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module,
+                               progress: bool = True) -> dict:
+    cfg: GradientAlignedConfig = config.algorithm
+    learner = SampleWeightLearner(cfg, calib.group, calib.t)
+    if cfg.base == "temporal":
+        stats = calibrate_temporal(model, config, calib, fp_model, progress, weight_fn=learner)
+    else:
+        init_ranges(model, config, calib, cfg, progress)
+        stats = {"blocks": sweep(model, fp_model, config, calib, cfg, progress, weight_fn=learner)}
+    stats["sample_weights"] = learner.summary()
+    stats["artifacts"] = learner.artifacts()
+    return stats

@@ -43,6 +43,7 @@ def main() -> int:
     ap.add_argument("--fid", type=int, default=0, metavar="N", help="also run gaq eval with N samples per model")
     ap.add_argument("--fid-seed", type=int, default=0)
     ap.add_argument("--reference", help="FID reference (default: as gaq eval)")
+    ap.add_argument("--reference-count", type=int, help="use only the first N reference images (default: all)")
     ap.add_argument("--reuse", action="store_true", help="reuse an existing output folder instead of re-quantizing")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -66,7 +67,8 @@ def main() -> int:
                            sample_mse_vs_fp=rep["metrics"]["sample_mse_vs_fp"], calibration_s=rep["timings"]["calibration"],
                            quantize_s=rep["timings"]["total"], report=rep)
                 if args.fid:
-                    ev = evaluate_dir(folder, args.reference or default_reference(), args.fid, args.fid_seed, progress=False)
+                    ev = evaluate_dir(folder, args.reference or default_reference(), args.fid, args.fid_seed, progress=False,
+                                      reference_count=args.reference_count)
                     row["eval"] = ev
                     fp_eval = fp_eval or ev
                 rows.append(row)

@@ -11,11 +11,22 @@ for _name in ("torchao", "torch._dynamo", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 _warnings.filterwarnings("ignore", message=".*register_constant.*")
 
-from .config import CalibrationConfig, ConfigError, QuantConfig, SamplerConfig, preset  # noqa: E402
-from .algorithms import MinMaxConfig, available_algorithms, register_algorithm  # noqa: E402
-from .api import quantize  # noqa: E402
-from .calibration import CalibrationSet, capture_calibration  # noqa: E402
-from .serialization import load_quantized  # noqa: E402
+# Resolved on first use, so that torch-free parts (the onnxruntime sampler behind ``gaq sample --onnx``)
+# can import this package on a machine without torch.
+_LAZY = {
+    "CalibrationConfig": "config", "ConfigError": "config", "QuantConfig": "config", "SamplerConfig": "config",
+    "preset": "config", "MinMaxConfig": "algorithms", "available_algorithms": "algorithms",
+    "register_algorithm": "algorithms", "quantize": "api", "CalibrationSet": "calibration",
+    "capture_calibration": "calibration", "load_quantized": "serialization",
+}
+__all__ = list(_LAZY)
 
-__all__ = ["quantize", "QuantConfig", "CalibrationConfig", "SamplerConfig", "MinMaxConfig", "ConfigError", "preset",
-           "available_algorithms", "register_algorithm", "CalibrationSet", "capture_calibration", "load_quantized"]
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gaq_backend' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

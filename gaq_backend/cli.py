@@ -39,6 +39,58 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from exporters.onnx_export import export_quantized
+
+    res = export_quantized(args.dir, args.out, args.weights, args.opset, args.check_samples,
+                           True if args.external_data else None, progress=not args.quiet)
+    p = res.parity
+    print(f"{res.weights} weights, opset {res.opset}: {res.n_quantize} QuantizeLinear / {res.n_dequantize} DequantizeLinear, "
+          f"{res.file_mb:.2f} MB")
+    b = p["bounds"]
+    print(f"onnxruntime CPU vs PyTorch on {p['n_inputs']} held-out calibration inputs, in output INT8 steps of {p['output_step']:.4g}: "
+          f"mean {p['mean_steps']:.3f}, p99 {p['p99_steps']:.2f}, max {p['max_steps']:.2f} "
+          f"(bounds: mean {b['mean_steps']}, max {b['max_steps']})")
+    print(f"wrote {res.path}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from exporters.ort_sampler import sample
+
+    from .evaluation.images import grid, save_grid, to_uint8
+    from .utils.io import atomic_path
+
+    noise = np.load(args.noise) if args.noise else None
+    imgs = sample(args.onnx, args.num_samples, args.seed, args.steps, args.eta, noise, args.batch_size, args.provider,
+                  progress=not args.quiet)
+    with atomic_path(args.out) as tmp:
+        save_grid(tmp, grid(to_uint8(imgs)))
+    if args.npy:
+        with atomic_path(args.npy) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, imgs)
+    print(f"wrote {args.out}" + (f" and {args.npy}" if args.npy else "") + f" ({len(imgs)} images)")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from exporters.bench import run_bench
+
+    config = {}
+    for item in args.ort_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--ort-option takes KEY=VALUE; got {item!r}")
+        config[key] = value
+    rows = run_bench(args.dirs, args.provider, args.batch, args.repeats, args.warmup, args.threads, args.json,
+                     args.markdown, args.work_dir, progress=not args.quiet, session_config=config)
+    print(f"wrote {args.json} ({len(rows)} rows)" + (f" and {args.markdown}" if args.markdown else ""))
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .models.train import TrainConfig, train
 
@@ -76,6 +128,46 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir", default=".cache/gaq")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)
+
+    x = sub.add_parser("export", parents=[common], help="export a quantized folder to ONNX with Q/DQ nodes")
+    x.add_argument("dir", help="output folder of gaq quantize")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--weights", choices=["int8", "int4"], default="int8",
+                   help="weight initializers: int8 (4-bit values in INT8, takes int8 kernels) or int4 (compact, opset 21)")
+    x.add_argument("--opset", type=int, default=21)
+    x.add_argument("--check-samples", type=int, default=64, help="held-out calibration inputs for the parity check")
+    x.add_argument("--external-data", action="store_true", help="store weights in OUT.data (automatic above 1 GiB)")
+    x.add_argument("--quiet", action="store_true")
+    x.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("sample", parents=[common], help="DDIM samples from an exported ONNX UNet (onnxruntime + NumPy, no torch)")
+    s.add_argument("--onnx", required=True, help="a file written by gaq export")
+    s.add_argument("--out", default="samples.png", help="PNG grid to write")
+    s.add_argument("--npy", help="also save the raw images (N, C, H, W) in [-1, 1] as .npy")
+    s.add_argument("--num-samples", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0, help="NumPy noise seed (not the same noise as torch's for a seed)")
+    s.add_argument("--noise", help=".npy of initial noise (N, C, H, W), e.g. to match the torch sampler")
+    s.add_argument("--steps", type=int, help="DDIM steps (default: the recipe's, from the file's metadata)")
+    s.add_argument("--eta", type=float)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_sample)
+
+    b = sub.add_parser("bench", parents=[common], help="onnxruntime latency of FP32 / FP16 / quantize_static W8A8 / gaq exports")
+    b.add_argument("dirs", nargs="+", help="output folders of gaq quantize (their base model is benchmarked too)")
+    b.add_argument("--provider", action="append", choices=["cpu", "cuda", "tensorrt"], help="repeatable (default: cpu)")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    b.add_argument("--repeats", type=int, default=20)
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    b.add_argument("--json", required=True, help="rows as JSON")
+    b.add_argument("--markdown", help="also write a markdown table")
+    b.add_argument("--ort-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="onnxruntime session config entry for every session, e.g. session.disable_quant_qdq=1")
+    b.add_argument("--work-dir", default=".cache/gaq/bench", help="where the exported variants are kept")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("train", parents=[common], help="train the embedded MNIST DDPM (resumes from OUT.ckpt)")
     t.add_argument("--out", default=os.path.join("gaq_backend", "assets", "ddpm-mnist"))

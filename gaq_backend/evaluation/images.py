@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Model-range images (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def to_uint8(x) -> np.ndarray:
+    """Model-range images (N, C, H, W) in [-1, 1], a torch tensor or a NumPy array -> uint8 (N, H, W, C)."""
+    x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    return ((np.clip(x, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def grid(images: np.ndarray, pad: int = 2) -> np.ndarray:

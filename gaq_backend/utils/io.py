@@ -8,8 +8,6 @@ import shutil
 import tempfile
 from typing import Any, Iterator
 
-import torch
-
 
 def _umask_mode(base: int) -> int:
     mask = os.umask(0)
@@ -67,5 +65,7 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def torch_save(obj: Any, path: str) -> None:
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

@@ -1,0 +1,167 @@
+"""``gaq bench``: onnxruntime latency of a UNet's deployable variants, per provider and batch size.
+
+Variants: ``fp32`` and ``fp16`` (GPU providers only) exports of the base FP model, onnxruntime's own
+``quantize_static`` W8A8 of the FP32 graph (QDQ, per-channel symmetric INT8 weights, symmetric INT8
+activations on Conv/MatMul/Gemm, calibrated by onnxruntime's MinMax on held-out calibration inputs), and
+for every quantized directory its gaq export with INT8 and (4-bit weights only) INT4 initializers.
+A row names the provider that ran; a provider that onnxruntime would silently replace by the CPU is
+reported as not measured, never as GPU.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from .ort_runtime import PROVIDERS, ProviderUnavailable, create_session
+
+
+def _file_mb(path: str) -> float:
+    return (os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)) / 2**20
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over held-out calibration inputs."""
+
+    def __init__(self, x: np.ndarray, t: np.ndarray, batch: int = 8):
+        self.items = [{"sample": x[i: i + batch], "timestep": t[i: i + batch]} for i in range(0, len(x), batch)]
+
+    def get_next(self):
+        return self.items.pop(0) if self.items else None
+
+
+def _quantize_static(fp32: str, out: str, x: np.ndarray, t: np.ndarray) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from gaq_backend.utils.io import atomic_path
+
+    with atomic_path(out) as tmp:
+        quantize_static(fp32, tmp, _Reader(x, t), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+
+
+def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bool) -> tuple[list[dict], list[dict]]:
+    """Export every variant once into ``work_dir``; returns (variants, refusals)."""
+    from gaq_backend import load_quantized
+    from gaq_backend.models import load_unet
+    from gaq_backend.pipeline import resolve_model_path
+
+    from .onnx_export import export_fp, export_quantized
+    from .validate import parity_inputs
+
+    os.makedirs(work_dir, exist_ok=True)
+    variants: list[dict] = []
+    refused: list[dict] = []
+    bases: set[str] = set()
+    for d in dirs:
+        _, sched, recipe = load_quantized(d)
+        base = resolve_model_path(recipe.model)
+        if base not in bases:
+            bases.add(base)
+            tag = os.path.basename(os.path.normpath(base))
+            fp = load_unet(base)
+            shape = [fp.config.in_channels, fp.config.sample_size, fp.config.sample_size]
+            # opset 20: onnxruntime 1.31's Q/DQ propagation breaks quantize_static's graph at opset 21
+            fp32 = export_fp(fp, os.path.join(work_dir, f"{tag}-fp32.onnx"), opset=20)
+            variants.append(dict(variant="fp32", source=base, path=fp32, shape=shape))
+            if want_fp16:
+                variants.append(dict(variant="fp16", source=base, path=export_fp(fp, os.path.join(work_dir, f"{tag}-fp16.onnx"), opset=20, half=True),
+                                     shape=shape, gpu_only=True))
+            x, t = parity_inputs(recipe, sched, 64, progress)
+            qs = os.path.join(work_dir, f"{tag}-quantize_static-w8a8.onnx")
+            _quantize_static(fp32, qs, x.numpy(), t.numpy())
+            variants.append(dict(variant="quantize_static-w8a8", source=base, path=qs, shape=shape))
+        qcfg = recipe.quant_config()
+        bits = f"w{qcfg.w_bits}a{qcfg.a_bits}"
+        for form in ("int8", "int4") if qcfg.w_bits <= 4 else ("int8",):
+            name = f"{bits}-{form}"
+            out = os.path.join(work_dir, f"{os.path.basename(os.path.normpath(d))}-{form}.onnx")
+            try:
+                export_quantized(d, out, form, progress=progress)
+            except ValueError as e:
+                refused.append(dict(variant=name, source=d, reason=str(e)))
+                continue
+            variants.append(dict(variant=name, source=d, algorithm=recipe.algorithm, path=out, shape=shape))
+    return variants, refused
+
+
+def time_session(session, batch: int, shape: list[int], repeats: int, warmup: int) -> list[float]:
+    rng = np.random.default_rng(0)
+    feed = {"sample": rng.standard_normal((batch, *shape), dtype=np.float32), "timestep": np.full(batch, 500, dtype=np.int64)}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def run_bench(dirs: list[str], providers: list[str] | None, batches: list[int], repeats: int = 20, warmup: int = 3,
+              threads: int = 0, json_path: str = "bench.json", markdown: str | None = None,
+              work_dir: str = ".cache/gaq/bench", progress: bool = True,
+              session_config: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    from gaq_backend.utils.io import atomic_path, write_json
+
+    providers = providers or ["cpu"]
+    if repeats < 3 or warmup < 0 or not batches or min(batches) < 1:
+        raise ValueError("--repeats must be at least 3, --warmup non-negative and every --batch at least 1")
+    variants, refused = build_variants(dirs, work_dir, any(p != "cpu" for p in providers), progress)
+    rows: list[dict[str, Any]] = [dict(variant=r["variant"], source=r["source"], provider=None, batch=None, median_ms=None,
+                                       file_mb=None, status=f"not exported: {r['reason']}") for r in refused]
+    bar = tqdm(total=len(providers) * len(variants) * len(batches), desc="bench", disable=not progress, leave=False)
+    for prov in providers:
+        for v in variants:
+            base = dict(variant=v["variant"], source=v["source"], file_mb=round(_file_mb(v["path"]), 3))
+            if v.get("gpu_only") and prov == "cpu":
+                rows.append(dict(base, provider=None, requested=PROVIDERS[prov], batch=None, median_ms=None,
+                                 status="not measured: FP16 is a GPU variant"))
+                bar.update(len(batches))
+                continue
+            try:
+                sess = create_session(v["path"], prov, threads, session_config)
+            except ProviderUnavailable as e:
+                rows.append(dict(base, provider=None, requested=PROVIDERS[prov], batch=None, median_ms=None, status=f"not measured: {e}"))
+                bar.update(len(batches))
+                continue
+            for b in batches:
+                ms = time_session(sess, b, v["shape"], repeats, warmup)
+                rows.append(dict(base, provider=sess.get_providers()[0], batch=b, median_ms=float(np.median(ms)),
+                                 p10_ms=float(np.percentile(ms, 10)), p90_ms=float(np.percentile(ms, 90)),
+                                 images_per_s=b / float(np.median(ms)) * 1000, repeats=repeats, status="ok"))
+                bar.update(1)
+    bar.close()
+    import onnxruntime
+
+    env = dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), threads=threads or "onnxruntime default",
+               onnxruntime=onnxruntime.__version__, session_config=session_config or {})
+    for r in rows:
+        r["environment"] = env
+    write_json(json_path, rows)
+    if markdown:
+        with atomic_path(markdown) as tmp, open(tmp, "w") as f:
+            f.write(markdown_table(rows))
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    fp32 = {(r["provider"], r["batch"]): r["median_ms"] for r in rows if r["variant"] == "fp32" and r["median_ms"]}
+    lines = ["| variant | source | provider | batch | median ms (p10-p90) | images/s | speed-up vs fp32 | file MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        src = os.path.basename(os.path.normpath(r["source"]))
+        if r["median_ms"] is None:
+            lines.append(f"| {r['variant']} | {src} | {r.get('requested') or '-'} | - | {r['status']} | - | - | {r['file_mb'] or '-'} |")
+            continue
+        ref = fp32.get((r["provider"], r["batch"]))
+        speed = f"{ref / r['median_ms']:.2f}x" if ref else "-"
+        lines.append(f"| {r['variant']} | {src} | {r['provider']} | {r['batch']} | {r['median_ms']:.2f} ({r['p10_ms']:.2f}-{r['p90_ms']:.2f}) "
+                     f"| {r['images_per_s']:.1f} | {speed} | {r['file_mb']:.2f} |")
+    return "\n".join(lines) + "\n"

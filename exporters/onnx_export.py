@@ -1,0 +1,282 @@
+"""``gaq export``: a quantized output directory -> one ONNX graph with Q/DQ nodes.
+
+The graph is traced by torch's TorchScript exporter through :mod:`exporters.qdq_forms` (opset 20 at
+most), then finished here: converted to the requested opset, 4-bit weights narrowed to INT4
+initializers when asked, metadata attached, written atomically (external data for large models), and
+validated (:mod:`exporters.validate`) before the file is put in place.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from gaq_backend.utils.io import _umask_mode
+
+from .qdq_forms import export_forms
+
+INPUT_NAMES = ("sample", "timestep")
+OUTPUT_NAME = "noise_pred"
+MIN_OPSET = 13          # per-axis DequantizeLinear
+INT4_MIN_OPSET = 21     # INT4 / UINT4 tensors
+TRACE_MAX_OPSET = 20    # the TorchScript exporter's ceiling; higher opsets are reached by conversion
+IR_VERSION = 10         # what onnxruntime 1.2x loads (onnx 1.23 would write 11+)
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+class _NoisePredictor(nn.Module):
+    """``(sample, timestep) -> noise prediction`` with plain float32 tensors in and out, as ONNX wants
+    (a half-precision UNet casts at the boundary, so every variant has the same interface)."""
+
+    def __init__(self, unet: nn.Module, half: bool = False):
+        super().__init__()
+        self.unet, self.half = unet, half
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if self.half:
+            return self.unet(sample.half(), timestep).sample.float()
+        return self.unet(sample, timestep).sample
+
+
+@dataclass
+class ExportResult:
+    path: str
+    weights: str
+    opset: int
+    n_quantize: int
+    n_dequantize: int
+    file_mb: float
+    parity: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(path=self.path, weights=self.weights, opset=self.opset, n_quantize=self.n_quantize,
+                    n_dequantize=self.n_dequantize, file_mb=self.file_mb, parity=self.parity)
+
+
+def example_inputs(unet: nn.Module, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    c, s = unet.config.in_channels, unet.config.sample_size
+    return torch.zeros(batch, c, s, s), torch.full((batch,), 500, dtype=torch.long)
+
+
+def trace_to_onnx(unet: nn.Module, opset: int, half: bool = False) -> onnx.ModelProto:
+    """Trace ``unet`` (with whatever forwards it has now) to an in-memory ONNX model with a dynamic batch axis."""
+    buf = io.BytesIO()
+    # the tracer warns about every shape-dependent Python branch in diffusers; the dynamic-batch check
+    # in validation is what tells whether the graph generalises
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_NoisePredictor(unet, half).eval(), example_inputs(unet), buf, dynamo=False,
+                          opset_version=min(opset, TRACE_MAX_OPSET), input_names=list(INPUT_NAMES),
+                          output_names=[OUTPUT_NAME], do_constant_folding=True,
+                          dynamic_axes={INPUT_NAMES[0]: {0: "batch"}, INPUT_NAMES[1]: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    model = onnx.load_from_string(buf.getvalue())
+    _undo_initializer_sharing(model)
+    _quantize_after_transpose(model)
+    if opset > TRACE_MAX_OPSET:
+        from onnx import version_converter
+
+        model = version_converter.convert_version(model, opset)
+    del model.graph.value_info[:]  # intermediate shape annotations: runtimes re-infer them; ~10% of a small file
+    _shorten_value_names(model)
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    return model
+
+
+def _undo_initializer_sharing(model: onnx.ModelProto) -> None:
+    """The exporter shares equal initializers through Identity nodes (all zero-points are one tensor);
+    give each user its own copy, so that every Q/DQ reads constant initializers (what TensorRT and
+    onnxruntime's Q/DQ propagation at opset 21 expect)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            model.graph.initializer.append(copy)
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def _quantize_after_transpose(model: onnx.ModelProto) -> int:
+    """Rewrite ``Q -> DQ -> Transpose`` (the attention key, quantized before ``k^T``) as
+    ``Transpose -> Q -> DQ``: the same values for a per-tensor quantizer, and DQ then feeds the MatMul
+    directly. onnxruntime 1.31 at opset 21 otherwise moves the pair itself and builds an invalid
+    QuantizeLinear (zero-point type mismatch) at session creation."""
+    nodes = list(model.graph.node)
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    producer = {o: n for n in nodes for o in n.output}
+    moved = 0
+    for t in [n for n in nodes if n.op_type == "Transpose"]:
+        dq = producer.get(t.input[0])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or any(a.name == "axis" for a in dq.attribute):
+            continue
+        if len(consumers[dq.output[0]]) != 1 or len(consumers[q.output[0]]) != 1:
+            continue
+        src, out = q.input[0], t.output[0]
+        t.input[0], t.output[0] = src, out + "_pre_q"
+        q.input[0], dq.output[0] = t.output[0], out
+        nodes.remove(t)
+        nodes.insert(nodes.index(q), t)
+        moved += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return moved
+
+
+def _shorten_value_names(model: onnx.ModelProto) -> None:
+    """Name intermediate tensors ``v0, v1, ...``: the exporter's names repeat the producing node's name
+    (which is kept, with its module path), and in a small INT4 model they were a quarter of the file."""
+    keep = {o.name for o in model.graph.output} | {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    new: dict[str, str] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name in new:
+                node.input[i] = new[name]
+        for i, name in enumerate(node.output):
+            if name and name not in keep:
+                new[name] = node.output[i] = f"v{len(new)}"
+
+
+def _int4_tensor(name: str, arr: np.ndarray, signed: bool) -> onnx.TensorProto:
+    """Two values per byte, the first in the low nibble (the ONNX layout), as raw data."""
+    nibbles = (arr.astype(np.int8).ravel().view(np.uint8) & 0x0F).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    t = onnx.TensorProto(name=name, data_type=TensorProto.INT4 if signed else TensorProto.UINT4, dims=list(arr.shape))
+    t.raw_data = packed.tobytes()
+    return t
+
+
+def _narrow_to_int4(model: onnx.ModelProto) -> int:
+    """Rewrite the int8/uint8 weight initializers of DequantizeLinear nodes (and their zero-points) as
+    INT4/UINT4. Returns how many were rewritten; refuses values outside the 4-bit range."""
+    inits = {t.name: t for t in model.graph.initializer}
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        names = [node.input[0]] + ([node.input[2]] if len(node.input) > 2 and node.input[2] in inits else [])
+        for name in names:
+            t = inits[name]
+            if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
+                continue
+            arr = numpy_helper.to_array(t)
+            signed = t.data_type == TensorProto.INT8
+            lo, hi = (-8, 7) if signed else (0, 15)
+            if arr.size and (arr.min() < lo or arr.max() > hi):
+                raise ValueError(f"weight {name} holds values in [{arr.min()}, {arr.max()}], outside the 4-bit range "
+                                 f"[{lo}, {hi}]; export it with --weights int8")
+            t.CopyFrom(_int4_tensor(name, arr, signed))
+        done += 1
+    return done
+
+
+def _set_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
+    helper.set_model_props(model, {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+
+
+def save_model_atomic(model: onnx.ModelProto, out: str, external_data: bool | None = None,
+                      check: Callable[[str], Any] | None = None) -> Any:
+    """Write ``out`` (and ``out.data`` for external data) under a temporary folder, run ``check`` on the
+    written file, and only then move it into place: a failed check or an interrupt leaves no file that
+    looks complete, and an earlier ``out`` untouched. Returns what ``check`` returned."""
+    out = os.path.abspath(out)
+    if external_data is None:
+        external_data = model.ByteSize() > EXTERNAL_DATA_BYTES
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    name, data_name = os.path.basename(out), os.path.basename(out) + ".data"
+    try:
+        onnx.save_model(model, os.path.join(tmp, name), save_as_external_data=external_data,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        result = check(os.path.join(tmp, name)) if check else None
+        for f in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, f), _umask_mode(0o666))  # onnx writes external data as 0600
+        if external_data:
+            os.replace(os.path.join(tmp, data_name), os.path.join(parent, data_name))
+        elif os.path.exists(os.path.join(parent, data_name)):
+            os.remove(os.path.join(parent, data_name))  # stale data of an earlier external-data export
+        os.replace(os.path.join(tmp, name), out)
+        return result
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def count_ops(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def build_quantized_onnx(unet: nn.Module, weights: str, opset: int, metadata: dict[str, Any]) -> onnx.ModelProto:
+    """The Q/DQ graph of a loaded fake-quant UNet (no validation, nothing written)."""
+    if weights not in ("int4", "int8"):
+        raise ValueError(f"--weights must be int4 or int8; got {weights!r}")
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is too old: per-channel DequantizeLinear needs opset {MIN_OPSET} or newer")
+    if weights == "int4" and opset < INT4_MIN_OPSET:
+        raise ValueError(f"--weights int4 needs opset {INT4_MIN_OPSET} or newer (INT4 tensors); got opset {opset}")
+    with export_forms(unet):
+        model = trace_to_onnx(unet, opset)
+    if weights == "int4":
+        _narrow_to_int4(model)
+    _set_metadata(model, {**metadata, "gaq.weights": weights, "gaq.opset": str(opset)})
+    return model
+
+
+def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 21, check_samples: int = 64,
+                     external_data: bool | None = None, progress: bool = True) -> ExportResult:
+    """Export a ``gaq quantize`` output directory to ``out``; validate before writing; return what was done."""
+    from gaq_backend import __version__, load_quantized
+
+    from .validate import parity_inputs, validate
+
+    if not os.path.isfile(os.path.join(folder, "quantized_unet.safetensors")):
+        raise FileNotFoundError(f"{folder} is not a gaq quantized output directory (no quantized_unet.safetensors)")
+    unet, sched_cfg, recipe = load_quantized(folder)
+    qcfg = recipe.quant_config()
+    with open(os.path.join(folder, "recipe.yaml")) as f:
+        recipe_text = f.read()
+    meta = {"gaq.version": __version__, "gaq.algorithm": recipe.algorithm, "gaq.w_bits": str(qcfg.w_bits),
+            "gaq.a_bits": str(qcfg.a_bits), "gaq.recipe": recipe_text, "gaq.scheduler_config": sched_cfg,
+            "gaq.sampler": recipe.sampler.to_dict(),
+            "gaq.sample_shape": [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]}
+    if weights == "int4" and qcfg.w_bits > 4:
+        raise ValueError(f"--weights int4 cannot hold W{qcfg.w_bits} weights; use --weights int8")
+    model = build_quantized_onnx(unet, weights, opset, meta)
+    x, t = parity_inputs(recipe, sched_cfg, check_samples, progress)
+    parity = save_model_atomic(model, out, external_data, check=lambda path: validate(path, unet, x, t))
+    ops = count_ops(model)
+    size = os.path.getsize(out) + (os.path.getsize(out + ".data") if os.path.exists(out + ".data") else 0)
+    return ExportResult(out, weights, opset, ops.get("QuantizeLinear", 0), ops.get("DequantizeLinear", 0),
+                        size / 2**20, parity)
+
+
+def export_fp(unet: nn.Module, out: str, opset: int = 21, half: bool = False) -> str:
+    """The float baseline (FP32, or FP16 for GPUs) of a plain diffusers UNet, for benchmarks."""
+    import copy
+
+    m = copy.deepcopy(unet).eval()
+    save_model_atomic(trace_to_onnx(m.half() if half else m, opset, half), out)
+    return out

@@ -1,0 +1,65 @@
+"""onnxruntime sessions for gaq's ONNX files (no torch import: the deploy path uses this).
+
+``session.qdq_matmulnbits_accuracy_level = 0``: onnxruntime rewrites a weight-only ``DQ -> MatMul`` into
+MatMulNBits and, at its default accuracy level 4, quantizes that MatMul's float input to int8 on the
+fly. For a W4A32 graph that is a quantization the calibrated model does not have (measured: 0.015
+output INT8 steps mean error, against 2e-7 at level 0), so gaq's sessions ask for float accuracy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+class ProviderUnavailable(RuntimeError):
+    pass
+
+
+def create_session(model, provider: str = "cpu", threads: int = 0, config: dict[str, str] | None = None):
+    """A session on ``provider`` (cpu | cuda | tensorrt); raises :class:`ProviderUnavailable` if onnxruntime
+    would silently run it on another provider. ``config``: extra session config entries."""
+    import onnxruntime as ort
+
+    name = PROVIDERS.get(provider, provider)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    for key, value in {"session.qdq_matmulnbits_accuracy_level": "0", **(config or {})}.items():
+        opts.add_session_config_entry(key, value)
+    if threads:
+        opts.intra_op_num_threads = threads
+    src = model if isinstance(model, (str, bytes)) else model.SerializeToString()
+    providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+    if name != "CPUExecutionProvider":
+        ort.set_default_logger_severity(4)  # a GPU provider that cannot load logs errors; we report it ourselves
+    try:
+        sess = ort.InferenceSession(src, opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own types; name the provider in the message
+        if name == "CPUExecutionProvider":
+            raise
+        raise ProviderUnavailable(f"{name} could not load the model: {str(e).splitlines()[0]}") from e
+    finally:
+        ort.set_default_logger_severity(2)
+    ran = sess.get_providers()[0]
+    if ran != name:
+        raise ProviderUnavailable(f"{name} requested but onnxruntime would run {ran} "
+                                  f"(available here: {', '.join(ort.get_available_providers())})")
+    return sess
+
+
+def predict_noise(session, x: np.ndarray, t: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The UNet's noise prediction for inputs ``x`` (N, C, H, W) float32 at timesteps ``t`` (N,) int64."""
+    outs = [session.run(None, {"sample": np.ascontiguousarray(x[i: i + batch_size], dtype=np.float32),
+                               "timestep": np.ascontiguousarray(t[i: i + batch_size], dtype=np.int64)})[0]
+            for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs)
+
+
+def metadata(path: str) -> dict[str, str]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return dict(sess.get_modelmeta().custom_metadata_map)

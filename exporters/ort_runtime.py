@@ -7,6 +7,8 @@ output INT8 steps mean error, against 2e-7 at level 0), so gaq's sessions ask fo
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -56,10 +58,16 @@ def predict_noise(session, x: np.ndarray, t: np.ndarray, batch_size: int = 64) -
 
 
 def metadata(path: str) -> dict[str, str]:
+    """The model's custom metadata; a one-line error for a missing or unreadable file."""
     import onnxruntime as ort
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such ONNX file: {path}")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types
+        raise ValueError(f"{path} is not a loadable ONNX model: {str(e).splitlines()[0][:200]}") from e
     return dict(sess.get_modelmeta().custom_metadata_map)

@@ -90,6 +90,8 @@ def sample(model_path: str, num_samples: int = 16, seed: int = 0, steps: int | N
     Initial (and, for eta > 0, step) noise comes from NumPy's generator seeded by ``seed``; pass ``noise``
     (N, C, H, W) to start from given noise, e.g. the torch sampler's, for a like-for-like comparison.
     """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"--num-samples and --batch-size must be at least 1; got {num_samples} and {batch_size}")
     meta = metadata(model_path)
     missing = [k for k in ("gaq.scheduler_config", "gaq.sampler", "gaq.sample_shape") if k not in meta]
     if missing:
@@ -99,8 +101,11 @@ def sample(model_path: str, num_samples: int = 16, seed: int = 0, steps: int | N
     eta = float(sampler.get("eta", 0.0)) if eta is None else eta
     sched = DDIMSchedule.from_config(json.loads(meta["gaq.scheduler_config"]), steps)
     rng = np.random.default_rng(seed)
+    shape = tuple(json.loads(meta["gaq.sample_shape"]))
     if noise is None:
-        noise = rng.standard_normal((num_samples, *json.loads(meta["gaq.sample_shape"])), dtype=np.float32)
+        noise = rng.standard_normal((num_samples, *shape), dtype=np.float32)
+    elif noise.ndim != 4 or tuple(noise.shape[1:]) != shape:
+        raise ValueError(f"--noise has shape {tuple(noise.shape)}; the model samples (N, {', '.join(map(str, shape))})")
     x = np.asarray(noise, dtype=np.float32).copy()
     session = create_session(model_path, provider)
     from tqdm import tqdm

@@ -2,13 +2,19 @@
 against the PyTorch fake-quant model on held-out calibration inputs.
 
 Differences are reported in units of the output's INT8 step, ``max|y_torch| / 127`` over the checked
-inputs: the resolution an 8-bit quantizer would give the UNet's output. The two computations are the
-same arithmetic in a different order, so they agree to float rounding, except where that rounding
-moves an activation across a rounding boundary of a later quantizer: the activation then differs by
-one of its steps, and the change travels to the output. Such flips are rare and small; a wrong scale,
-a missing or misplaced Q/DQ, or a wrong weight gives errors of many steps on most outputs.
+inputs. onnxruntime computes the same integers and scales in a different float order, and a
+pre-activation that lands within float rounding of a quantizer's rounding boundary then rounds the
+other way: the activation differs by one step and the change travels to the output. How far such
+flips carry depends on the model (a trained UNet damps them; a random deep one amplifies them), so the
+bound scales with the model: the same PyTorch model run in float64 differs from its float32 run by
+exactly this kind of rounding, and onnxruntime may differ from float32 PyTorch by the larger of a fixed
+bound and ``MEAN_FACTOR`` (mean) / ``MAX_FACTOR`` (max) times that float64 difference. A wrong scale,
+layout or weight gives differences of the size of the quantization error itself, far above that;
+a single missing Q/DQ pair in a trained model may not (its effect is of the size of the flips).
 """
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import onnx
@@ -17,13 +23,11 @@ from torch import nn
 
 from .ort_runtime import create_session, predict_noise
 
-# In output INT8 steps. Rounding flips move a few outputs by a step or more (on small random test UNets
-# the 99th percentile reaches 2 steps), so the mean is bounded tightly and the single largest
-# difference loosely; measured values are in docs/benchmarks.md section 5. A bound this loose catches
-# wrong scales, layouts and missing weights, not a single missing Q/DQ pair (whose effect on the output
-# is of the size of the flips themselves).
-MEAN_STEPS = 0.25    # mean |onnxruntime - torch|
-MAX_STEPS = 16.0     # largest |onnxruntime - torch|
+# Measured (docs/benchmarks.md section 5): the onnxruntime / float64 ratio of the mean is 0.9-1.1 on the
+# embedded UNet (W4A8, W8A8) and on a random 35.7M-parameter UNet (where float64 itself moves the output
+# by 1 step on average), up to 5 on the small random test UNets, whose float64 difference is tiny.
+MEAN_FIXED, MEAN_FACTOR = 0.25, 2.0   # mean |onnxruntime - torch| <= max(0.25, 2 x mean |torch64 - torch|) steps
+MAX_FIXED, MAX_FACTOR = 16.0, 4.0     # max  |onnxruntime - torch| <= max(16, 4 x max |torch64 - torch|) steps
 
 
 class ParityError(ValueError):
@@ -45,22 +49,31 @@ def parity_inputs(recipe, scheduler_config: dict, n: int, progress: bool = True)
     return val.x[idx], val.t[idx]
 
 
+def _run_torch(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, batch_size: int) -> np.ndarray:
+    return torch.cat([unet(x[i: i + batch_size], t[i: i + batch_size]).sample for i in range(0, len(x), batch_size)]).double().numpy()
+
+
 @torch.no_grad()
 def compare_with_torch(model: onnx.ModelProto | str, unet: nn.Module, x: torch.Tensor, t: torch.Tensor,
                        batch_size: int = 64) -> dict:
-    """Max / mean |onnxruntime CPU - torch| over the inputs, absolute and in output INT8 steps."""
-    ref = torch.cat([unet(x[i: i + batch_size], t[i: i + batch_size]).sample for i in range(0, len(x), batch_size)]).numpy()
+    """|onnxruntime CPU - torch| over the inputs, absolute and in output INT8 steps, with the bounds
+    derived from |torch float64 - torch float32| on the same inputs."""
+    ref = _run_torch(unet, x, t, batch_size)
+    ref64 = _run_torch(copy.deepcopy(unet).double(), x.double(), t, batch_size)
     got = predict_noise(create_session(model), x.numpy(), t.numpy(), batch_size)
     if got.shape != ref.shape:
         raise ParityError(f"onnxruntime output shape {got.shape} differs from torch {ref.shape}")
     if not np.isfinite(got).all():
         raise ParityError("onnxruntime output holds NaN or Inf")
-    diff = np.abs(got.astype(np.float64) - ref)
+    diff, diff64 = np.abs(got.astype(np.float64) - ref), np.abs(ref64 - ref)
     step = float(np.abs(ref).max()) / 127 or 1.0
+    f64 = dict(mean_steps=float(diff64.mean() / step), max_steps=float(diff64.max() / step))
     return dict(n_inputs=int(len(x)), output_step=step, max_abs=float(diff.max()), mean_abs=float(diff.mean()),
                 max_steps=float(diff.max() / step), mean_steps=float(diff.mean() / step),
                 p99_steps=float(np.percentile(diff, 99) / step), frac_over_half_step=float((diff > 0.5 * step).mean()),
-                bounds=dict(mean_steps=MEAN_STEPS, max_steps=MAX_STEPS))
+                float64_vs_float32=f64,
+                bounds=dict(mean_steps=max(MEAN_FIXED, MEAN_FACTOR * f64["mean_steps"]),
+                            max_steps=max(MAX_FIXED, MAX_FACTOR * f64["max_steps"])))
 
 
 def validate(model: onnx.ModelProto | str, unet: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict:
@@ -71,7 +84,7 @@ def validate(model: onnx.ModelProto | str, unet: nn.Module, x: torch.Tensor, t: 
     except onnx.checker.ValidationError as e:
         raise ParityError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from e
     res = compare_with_torch(model, unet, x, t)
-    over = [f"{k} {res[k]:.3g} > {b}" for k, b in res["bounds"].items() if res[k] > b]
+    over = [f"{k} {res[k]:.3g} > {b:.3g}" for k, b in res["bounds"].items() if res[k] > b]
     if over:
         raise ParityError(f"onnxruntime differs from the PyTorch fake-quant model by more than the bound, in output INT8 "
                           f"steps ({'; '.join(over)}); nothing was written")

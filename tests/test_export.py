@@ -60,8 +60,8 @@ def test_w4a8_exports_in_both_weight_forms_with_exact_integers_and_parity(w4a8_d
         assert "quantization:" in meta["gaq.recipe"]
         # one Q/DQ pair per activation quantizer, nothing else quantized
         assert res.n_quantize == _activation_quantizers(model)
-        assert res.parity["max_steps"] <= validate.MAX_STEPS and res.parity["mean_steps"] <= validate.MEAN_STEPS
-        print("parity", form, {k: round(v, 4) for k, v in res.parity.items() if k.endswith("steps")})
+        assert res.parity["max_steps"] <= res.parity["bounds"]["max_steps"] and res.parity["mean_steps"] <= res.parity["bounds"]["mean_steps"]
+        print("parity", form, {k: round(v, 4) for k, v in res.parity.items() if k.endswith("steps")}, res.parity["float64_vs_float32"])
 
         inits = {t.name: t for t in m.graph.initializer}
         want_type = onnx.TensorProto.INT4 if form == "int4" else onnx.TensorProto.INT8
@@ -119,8 +119,8 @@ def test_several_unet_configs_export_with_parity(tmp_path, cfg, overrides):
     d = _quantize_tiny(str(tmp_path), "q", cfg, **overrides)
     w = overrides["quantization"]["w_bits"]
     res = export_quantized(d, str(tmp_path / "m.onnx"), "int4" if w <= 4 else "int8", progress=False)
-    assert res.parity["max_steps"] <= validate.MAX_STEPS and res.parity["mean_steps"] <= validate.MEAN_STEPS
-    print("parity", {k: round(v, 4) for k, v in res.parity.items() if k.endswith("steps")})
+    assert res.parity["max_steps"] <= res.parity["bounds"]["max_steps"] and res.parity["mean_steps"] <= res.parity["bounds"]["mean_steps"]
+    print("parity", {k: round(v, 4) for k, v in res.parity.items() if k.endswith("steps")}, res.parity["float64_vs_float32"])
     if overrides["quantization"]["a_bits"] == 32:
         assert res.n_quantize == 0 and res.parity["max_steps"] < 0.01  # weights only: float rounding alone
 
@@ -145,10 +145,11 @@ def test_onnx_sampler_reproduces_the_torch_first_step(w4a8_dir, tmp_path):
     want = torch_sched.step(eps, t0, x, eta=0.0).prev_sample.numpy()
     eps_onnx = predict_noise(create_session(out), x.numpy(), np.full(6, t0))
     got = ours.step(eps_onnx, t0, x.numpy())
-    # same arithmetic; what differs is onnxruntime's float order inside the UNet (see exporters/validate.py)
+    # same arithmetic; what differs is onnxruntime's float order inside the UNet (see exporters/validate.py):
+    # at most a fraction of a step of the first DDIM update's output on average
     step = np.abs(want).max() / 127
     diff = np.abs(got - want)
-    assert diff.mean() < validate.MEAN_STEPS * step and diff.max() < validate.MAX_STEPS * step
+    assert diff.mean() < 0.25 * step and diff.max() < 16 * step
 
 
 def test_gaq_sample_onnx_runs_without_torch(w4a8_dir, tmp_path):
@@ -182,6 +183,15 @@ def test_bad_inputs_are_refused_with_one_line_and_no_file(w4a8_dir, tiny_model_d
         assert not out.exists()
 
 
+def test_gaq_sample_refuses_a_file_that_is_not_an_export(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model")
+    for path, message in [(str(tmp_path / "missing.onnx"), "no such ONNX file"), (str(bad), "is not a loadable ONNX model")]:
+        proc = _gaq("sample", "--onnx", path, "--out", str(tmp_path / "s.png"), "--quiet")
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "s.png").exists()
+
+
 def test_timestep_dependent_ranges_are_refused(w4a8_dir):
     from exporters.qdq_forms import check_exportable
 
@@ -193,7 +203,8 @@ def test_timestep_dependent_ranges_are_refused(w4a8_dir):
 
 
 def test_parity_failure_writes_nothing(w4a8_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(validate, "MEAN_STEPS", -1.0)
+    monkeypatch.setattr(validate, "MEAN_FIXED", -1.0)
+    monkeypatch.setattr(validate, "MEAN_FACTOR", -1.0)
     out = tmp_path / "m.onnx"
     with pytest.raises(validate.ParityError, match="nothing was written"):
         export_quantized(w4a8_dir, str(out), "int8", progress=False)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gaq_backend.quantizers import UniformQuantizer
+from gaq_backend.quantizers.timestep import current_timestep_tensor
 from gaq_backend.wrapping.layers import QuantConv2d, QuantLinear
 
 
@@ -41,6 +42,22 @@ class ActivationQDQ(torch.autograd.Function):
     def symbolic(g, x, scale, zero_point, qmin, qmax):
         q = g.op("QuantizeLinear", x, scale, zero_point)
         return g.op("DequantizeLinear", q, scale, zero_point)
+
+
+class RowwiseActivationQDQ(torch.autograd.Function):
+    """Per-tensor quantization with one scale per batch row: ``temporal``'s per-timestep ranges, looked up
+    from the row's timestep in the graph (Gather), written as per-axis Q/DQ on axis 0."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        s, zp = scale.view(shape), zero_point.float().view(shape)
+        return (torch.clamp(torch.round(x / s) + zp, qmin, qmax) - zp) * s
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, qmin, qmax):
+        q = g.op("QuantizeLinear", x, scale, zero_point, axis_i=0)
+        return g.op("DequantizeLinear", q, scale, zero_point, axis_i=0)
 
 
 class WeightDQ(torch.autograd.Function):
@@ -64,6 +81,12 @@ def _attach(module: nn.Module, name: str, value: torch.Tensor, added: list) -> t
 
 
 def _prepare_activation(q: UniformQuantizer, added: list) -> None:
+    table = q.timestep_ranges
+    if table is not None:
+        _attach(q, "qdq_table_t", table.t, added)
+        _attach(q, "qdq_table_scale", table.scale, added)
+        _attach(q, "qdq_table_zero_point", table.zero_point.round().to(_int_dtype(q.qmin)), added)
+        return
     _attach(q, "qdq_scale", q.scale.reshape(()), added)
     _attach(q, "qdq_zero_point", q.zero_point.reshape(()).round().to(_int_dtype(q.qmin)), added)
 
@@ -80,6 +103,11 @@ def _prepare_layer(layer: nn.Module, added: list) -> None:
 
 
 def _qdq_activation(q: UniformQuantizer, x: torch.Tensor) -> torch.Tensor:
+    if q.timestep_ranges is not None:
+        # the nearest table entry to each row's timestep, as TimestepRanges.lookup picks it (ArgMin + Gather)
+        t = current_timestep_tensor()
+        idx = (t.view(-1, 1) - q.qdq_table_t.view(1, -1)).abs().argmin(dim=1)
+        return RowwiseActivationQDQ.apply(x, q.qdq_table_scale[idx], q.qdq_table_zero_point[idx], q.qmin, q.qmax)
     return ActivationQDQ.apply(x, q.qdq_scale, q.qdq_zero_point, q.qmin, q.qmax)
 
 
@@ -104,9 +132,10 @@ def check_exportable(model: nn.Module) -> None:
     """Refuse what a static Q/DQ graph cannot express faithfully, naming the layer."""
     for name, m in model.named_modules():
         if isinstance(m, UniformQuantizer) and m.enabled:
-            if getattr(m, "timestep_ranges", None) is not None:
-                raise ValueError(f"{name} has timestep-dependent activation ranges (algorithm 'temporal'); a static "
-                                 "Q/DQ graph cannot express them, so the export is refused rather than dropping them")
+            if getattr(m, "timestep_ranges", None) is not None and ".processor." in name:
+                # attention operands are laid out (batch * heads, ...): axis 0 is not the batch there
+                raise ValueError(f"{name} has timestep-dependent activation ranges on an attention operand; the "
+                                 "export writes them per batch row and cannot here, so it is refused rather than dropping them")
             if ".weight_quantizers." not in name and m.bits != 8:
                 raise ValueError(f"{name} quantizes activations to {m.bits} bits; ONNX QuantizeLinear has 8-bit "
                                  "activations (use a_bits 8 or 32)")

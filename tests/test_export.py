@@ -192,13 +192,39 @@ def test_gaq_sample_refuses_a_file_that_is_not_an_export(tmp_path):
         assert not (tmp_path / "s.png").exists()
 
 
-def test_timestep_dependent_ranges_are_refused(w4a8_dir):
+def test_temporal_per_timestep_ranges_export_faithfully(tmp_path):
+    from exporters.onnx_export import build_quantized_onnx
+
+    d = _quantize_tiny(str(tmp_path), "t", TINY_UNET, algorithm="temporal",
+                       quantization=dict(w_bits=4, a_bits=8, keep_fp=["conv_in", "conv_out"]),
+                       settings=dict(batch_size=16, iters=4, act_iters=2, tib_iters=4))
+    res = export_quantized(d, str(tmp_path / "t.onnx"), "int4", progress=False)
+    assert res.parity["mean_steps"] <= res.parity["bounds"]["mean_steps"]
+
+    # make the table matter: a range 1,000x narrower at t = 1 than at t = 900 on the time MLP's input
+    model, _, _ = load_quantized(d)
+    q = model.time_embedding.linear_1.act_quantizers[0]
+    assert q.timestep_ranges is not None
+    q.set_timestep_ranges(torch.tensor([1, 900]), torch.tensor([-1e-3, -1.0]), torch.tensor([1e-3, 1.0]))
+    sess = create_session(build_quantized_onnx(model, "int8", 21, {}))
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([1, 900, 880, 3])  # nearest entries: 1, 900, 900, 1
+    with torch.no_grad():
+        want = model(x, t).sample.numpy()
+        swapped = model(x, torch.tensor([900, 1, 1, 900])).sample.numpy()
+    got = predict_noise(sess, x.numpy(), t.numpy())
+    step = np.abs(want).max() / 127
+    assert np.abs(got - want).mean() < 0.05 * step       # the rows use their own timestep's range ...
+    assert np.abs(swapped - want).mean() > 10 * np.abs(got - want).mean()  # ... which changes the output
+
+
+def test_per_timestep_ranges_on_attention_operands_are_refused(w4a8_dir):
     from exporters.qdq_forms import check_exportable
 
     model, _, _ = load_quantized(w4a8_dir)
-    q = model.down_blocks[0].resnets[0].conv1.act_quantizers[0]
+    name, q = next((n, m) for n, m in model.named_modules() if n.endswith("processor.quantizers.key"))
     q.set_timestep_ranges(torch.tensor([1, 500]), torch.tensor([-1.0, -2.0]), torch.tensor([1.0, 2.0]))
-    with pytest.raises(ValueError, match="timestep-dependent activation ranges"):
+    with pytest.raises(ValueError, match="timestep-dependent activation ranges on an attention operand"):
         check_exportable(model)
 
 

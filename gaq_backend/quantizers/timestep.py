@@ -26,6 +26,15 @@ def current_timesteps(t: torch.Tensor) -> Iterator[None]:
         _CURRENT_T.reset(token)
 
 
+def current_timestep_tensor() -> torch.Tensor:
+    """The timesteps (one per batch row) of the UNet call in progress."""
+    t = _CURRENT_T.get()
+    if t is None:
+        raise RuntimeError("timestep-dependent activation ranges need the current timestep; call the UNet (with its "
+                           "timestep hook installed) or wrap the call in current_timesteps(t)")
+    return t
+
+
 class TimestepRanges(nn.Module):
     def __init__(self, n: int) -> None:
         super().__init__()
@@ -34,10 +43,7 @@ class TimestepRanges(nn.Module):
         self.register_buffer("zero_point", torch.zeros(n))
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = _CURRENT_T.get()
-        if t is None:
-            raise RuntimeError("timestep-dependent activation ranges need the current timestep; call the UNet (with its "
-                               "timestep hook installed) or wrap the call in current_timesteps(t)")
+        t = current_timestep_tensor()
         if t.numel() == 1:
             t = t.expand(x.shape[0])
         if t.numel() != x.shape[0]:
@@ -57,7 +63,8 @@ def _timestep_pre_hook(module, args, kwargs):
 
 
 def _timestep_post_hook(module, args, kwargs, out):
-    _CURRENT_T.reset(module._gaq_t_token)
+    # popped, not kept: a contextvars token left on the module would make it impossible to deepcopy
+    _CURRENT_T.reset(module.__dict__.pop("_gaq_t_token"))
 
 
 def install_timestep_hook(unet: nn.Module) -> None:

@@ -1,11 +1,12 @@
 """How a gaq fake-quant layer is written as ONNX QuantizeLinear / DequantizeLinear.
 
-Two autograd Functions carry an ONNX ``symbolic``: in PyTorch they compute exactly what the fake-quant
-model computes, and the TorchScript exporter writes them as Q/DQ nodes. ``export_forms(model)`` swaps
-the forwards of a loaded quantized UNet to use them for the duration of an export:
+Autograd Functions with an ONNX ``symbolic`` compute in PyTorch exactly what the fake-quant model
+computes, and the TorchScript exporter writes them as Q/DQ nodes. ``export_forms(model)`` swaps the
+forwards of a loaded quantized UNet to use them for the duration of an export:
 
 - every activation quantizer becomes ``DequantizeLinear(QuantizeLinear(x))`` with its calibrated scale
-  and zero-point (per tensor; the attention matmul operands included);
+  and zero-point (per tensor; the attention matmul operands included); one with per-timestep ranges
+  (``temporal``) looks its scale up from each row's timestep in the graph and is per-axis on axis 0;
 - every quantized Conv2d / Linear reads its weight as ``DequantizeLinear(weight_int)`` per output
   channel, so the stored integers (AdaRound's rounding included) are the initializers, bit for bit.
   A Linear is written as ``MatMul(x, DQ(W^T)) + b`` with the transposed integers stored, because a
@@ -129,7 +130,7 @@ def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def check_exportable(model: nn.Module) -> None:
-    """Refuse what a static Q/DQ graph cannot express faithfully, naming the layer."""
+    """Refuse what the Q/DQ forms cannot express faithfully, naming the layer."""
     for name, m in model.named_modules():
         if isinstance(m, UniformQuantizer) and m.enabled:
             if getattr(m, "timestep_ranges", None) is not None and ".processor." in name:

@@ -17,11 +17,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from .onnx_export import export_fp, export_quantized, file_mb
 from .ort_runtime import PROVIDERS, ProviderUnavailable, create_session
-
-
-def _file_mb(path: str) -> float:
-    return (os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)) / 2**20
 
 
 class _Reader:
@@ -48,11 +45,10 @@ def _quantize_static(fp32: str, out: str, x: np.ndarray, t: np.ndarray) -> None:
 
 def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bool) -> tuple[list[dict], list[dict]]:
     """Export every variant once into ``work_dir``; returns (variants, refusals)."""
-    from gaq_backend import load_quantized
+    from gaq_backend.serialization import read_output_configs
     from gaq_backend.models import load_unet
     from gaq_backend.pipeline import resolve_model_path
 
-    from .onnx_export import export_fp, export_quantized
     from .validate import parity_inputs
 
     os.makedirs(work_dir, exist_ok=True)
@@ -60,7 +56,7 @@ def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bo
     refused: list[dict] = []
     bases: set[str] = set()
     for d in dirs:
-        _, sched, recipe = load_quantized(d)
+        sched, recipe = read_output_configs(d)
         base = resolve_model_path(recipe.model)
         if base not in bases:
             bases.add(base)
@@ -119,7 +115,7 @@ def run_bench(dirs: list[str], providers: list[str] | None, batches: list[int], 
     bar = tqdm(total=len(providers) * len(variants) * len(batches), desc="bench", disable=not progress, leave=False)
     for prov in providers:
         for v in variants:
-            base = dict(variant=v["variant"], source=v["source"], file_mb=round(_file_mb(v["path"]), 3))
+            base = dict(variant=v["variant"], source=v["source"], file_mb=round(file_mb(v["path"]), 3))
             if v.get("gpu_only") and prov == "cpu":
                 rows.append(dict(base, provider=None, requested=PROVIDERS[prov], batch=None, median_ms=None,
                                  status="not measured: FP16 is a GPU variant"))

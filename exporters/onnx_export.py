@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import Counter
 import os
 import shutil
 import tempfile
@@ -58,10 +59,6 @@ class ExportResult:
     n_dequantize: int
     file_mb: float
     parity: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(path=self.path, weights=self.weights, opset=self.opset, n_quantize=self.n_quantize,
-                    n_dequantize=self.n_dequantize, file_mb=self.file_mb, parity=self.parity)
 
 
 def example_inputs(unet: nn.Module, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,11 +219,10 @@ def save_model_atomic(model: onnx.ModelProto, out: str, external_data: bool | No
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def count_ops(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for n in model.graph.node:
-        counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return counts
+def file_mb(path: str) -> float:
+    """Size of an exported model in MiB, its external data included."""
+    data = path + ".data"
+    return (os.path.getsize(path) + (os.path.getsize(data) if os.path.exists(data) else 0)) / 2**20
 
 
 def build_quantized_onnx(unet: nn.Module, weights: str, opset: int, metadata: dict[str, Any]) -> onnx.ModelProto:
@@ -252,8 +248,6 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
 
     from .validate import parity_inputs, validate
 
-    if not os.path.isfile(os.path.join(folder, "quantized_unet.safetensors")):
-        raise FileNotFoundError(f"{folder} is not a gaq quantized output directory (no quantized_unet.safetensors)")
     unet, sched_cfg, recipe = load_quantized(folder)
     qcfg = recipe.quant_config()
     with open(os.path.join(folder, "recipe.yaml")) as f:
@@ -267,16 +261,14 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
     model = build_quantized_onnx(unet, weights, opset, meta)
     x, t = parity_inputs(recipe, sched_cfg, check_samples, progress)
     parity = save_model_atomic(model, out, external_data, check=lambda path: validate(path, unet, x, t))
-    ops = count_ops(model)
-    size = os.path.getsize(out) + (os.path.getsize(out + ".data") if os.path.exists(out + ".data") else 0)
-    return ExportResult(out, weights, opset, ops.get("QuantizeLinear", 0), ops.get("DequantizeLinear", 0),
-                        size / 2**20, parity)
+    ops = Counter(n.op_type for n in model.graph.node)
+    return ExportResult(out, weights, opset, ops["QuantizeLinear"], ops["DequantizeLinear"], file_mb(out), parity)
 
 
 def export_fp(unet: nn.Module, out: str, opset: int = 21, half: bool = False) -> str:
     """The float baseline (FP32, or FP16 for GPUs) of a plain diffusers UNet, for benchmarks."""
     import copy
 
-    m = copy.deepcopy(unet).eval()
-    save_model_atomic(trace_to_onnx(m.half() if half else m, opset, half), out)
+    # tracing leaves the model as it is; only the half-precision cast needs a copy
+    save_model_atomic(trace_to_onnx(copy.deepcopy(unet).half() if half else unet, opset, half), out)
     return out

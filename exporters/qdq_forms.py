@@ -52,8 +52,7 @@ class RowwiseActivationQDQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
         shape = (-1,) + (1,) * (x.dim() - 1)
-        s, zp = scale.view(shape), zero_point.float().view(shape)
-        return (torch.clamp(torch.round(x / s) + zp, qmin, qmax) - zp) * s
+        return ActivationQDQ.forward(ctx, x, scale.view(shape), zero_point.view(shape), qmin, qmax)
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, qmin, qmax):
@@ -83,9 +82,7 @@ def _attach(module: nn.Module, name: str, value: torch.Tensor, added: list) -> t
 
 def _prepare_activation(q: UniformQuantizer, added: list) -> None:
     table = q.timestep_ranges
-    if table is not None:
-        _attach(q, "qdq_table_t", table.t, added)
-        _attach(q, "qdq_table_scale", table.scale, added)
+    if table is not None:  # its timesteps and scales are buffers already; the zero-points need their integer type
         _attach(q, "qdq_table_zero_point", table.zero_point.round().to(_int_dtype(q.qmin)), added)
         return
     _attach(q, "qdq_scale", q.scale.reshape(()), added)
@@ -104,11 +101,10 @@ def _prepare_layer(layer: nn.Module, added: list) -> None:
 
 
 def _qdq_activation(q: UniformQuantizer, x: torch.Tensor) -> torch.Tensor:
-    if q.timestep_ranges is not None:
-        # the nearest table entry to each row's timestep, as TimestepRanges.lookup picks it (ArgMin + Gather)
-        t = current_timestep_tensor()
-        idx = (t.view(-1, 1) - q.qdq_table_t.view(1, -1)).abs().argmin(dim=1)
-        return RowwiseActivationQDQ.apply(x, q.qdq_table_scale[idx], q.qdq_table_zero_point[idx], q.qmin, q.qmax)
+    table = q.timestep_ranges
+    if table is not None:
+        idx = table.nearest(current_timestep_tensor())  # traced as Sub, Abs, ArgMin; the lookups as Gather
+        return RowwiseActivationQDQ.apply(x, table.scale[idx], q.qdq_table_zero_point[idx], q.qmin, q.qmax)
     return ActivationQDQ.apply(x, q.qdq_scale, q.qdq_zero_point, q.qmin, q.qmax)
 
 

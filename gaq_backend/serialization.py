@@ -51,21 +51,26 @@ def _prepare_timestep_tables(model: nn.Module, state: dict[str, torch.Tensor]) -
         install_timestep_hook(model)
 
 
-def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
-    """Returns (fake-quant UNet, scheduler config, recipe) from a folder written by ``gaq quantize``."""
-    from diffusers import UNet2DModel
-
-    from .api import wrap_for_config
+def read_output_configs(folder: str) -> tuple[dict, "object"]:
+    """(scheduler config, recipe) of a folder written by ``gaq quantize``, without building the model."""
     from .recipe import load_recipe
 
     missing = [f for f in (WEIGHTS_FILE, UNET_CONFIG_FILE, SCHEDULER_FILE, "recipe.yaml") if not os.path.exists(os.path.join(folder, f))]
     if missing:
         raise FileNotFoundError(f"{folder} is not a gaq quantized output directory (missing {', '.join(missing)})")
-    recipe = load_recipe(os.path.join(folder, "recipe.yaml"))
+    with open(os.path.join(folder, SCHEDULER_FILE)) as f:
+        return json.load(f), load_recipe(os.path.join(folder, "recipe.yaml"))
+
+
+def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
+    """Returns (fake-quant UNet, scheduler config, recipe) from a folder written by ``gaq quantize``."""
+    from diffusers import UNet2DModel
+
+    from .api import wrap_for_config
+
+    sched_cfg, recipe = read_output_configs(folder)
     with open(os.path.join(folder, UNET_CONFIG_FILE)) as f:
         unet_cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    with open(os.path.join(folder, SCHEDULER_FILE)) as f:
-        sched_cfg = json.load(f)
     model = UNet2DModel.from_config(unet_cfg)
     qcfg: QuantConfig = recipe.quant_config()
     wrap_for_config(model, qcfg)

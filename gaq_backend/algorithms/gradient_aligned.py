@@ -34,9 +34,10 @@ from ..quantizers.adaround import AdaRound
 from .block_cache import BlockData
 from .blocks import ReconUnit
 from .common import set_quant_state
-from .reconstruction import init_ranges, per_sample_lp, sample_factors, sweep
+from .reconstruction import per_sample_lp, sample_factors
 from .registry import register_algorithm
 from .temporal import TemporalConfig, calibrate_temporal
+from .uniform import calibrate_uniform
 
 
 @dataclass
@@ -90,8 +91,12 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
 
 
+def _norm(a: list[torch.Tensor]) -> float:
+    return math.sqrt(float(_dot(a, a))) or 1e-300
+
+
 def _cos_distances(grads: list[list[torch.Tensor]]) -> list[list[float]]:
-    norms = [math.sqrt(float(_dot(g, g))) or 1e-300 for g in grads]
+    norms = [_norm(g) for g in grads]
     return [[1 - float(_dot(a, b)) / (na * nb) for b, nb in zip(grads, norms)] for a, na in zip(grads, norms)]
 
 
@@ -234,7 +239,7 @@ def learn_sample_weights(unit: ReconUnit, data: BlockData, train_mask: torch.Ten
                 gm_ratio.append(step.gm_ratio)
             s.grad = step.grad_s
             opt_s.step()
-            g_norms = torch.tensor([math.sqrt(float(_dot(x, x))) or 1e-300 for x in step.group_grads], dtype=torch.float64)
+            g_norms = torch.tensor([_norm(x) for x in step.group_grads], dtype=torch.float64)
             align_sum.index_add_(0, idx, (step.alignments / g_norms).mean(1))
             align_cnt.index_add_(0, idx, torch.ones(b, dtype=torch.float64))
             for t, x in zip(theta, step.inner_grad):
@@ -314,11 +319,8 @@ def calibrate_gradient_aligned(model: nn.Module, config: QuantConfig, calib: Cal
     cfg: GradientAlignedConfig = config.algorithm
     validation_groups(calib.group, calib.is_val)  # fail before any caching, not at the first block
     learner = SampleWeightLearner(cfg, calib.group, calib.t)
-    if cfg.base == "temporal":
-        stats = calibrate_temporal(model, config, calib, fp_model, progress, weight_fn=learner)
-    else:
-        init_ranges(model, config, calib, cfg, progress)
-        stats = {"blocks": sweep(model, fp_model, config, calib, cfg, progress, weight_fn=learner)}
+    base = calibrate_temporal if cfg.base == "temporal" else calibrate_uniform
+    stats = base(model, config, calib, fp_model, progress, weight_fn=learner)
     stats["sample_weights"] = learner.summary()
     stats["artifacts"] = learner.artifacts()
     return stats

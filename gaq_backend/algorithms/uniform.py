@@ -9,7 +9,7 @@ from torch import nn
 
 from ..calibration import CalibrationSet
 from ..config import QuantConfig
-from .reconstruction import ReconstructionConfig, init_ranges, sweep
+from .reconstruction import ReconstructionConfig, WeightFn, init_ranges, sweep
 from .registry import register_algorithm
 
 
@@ -19,6 +19,8 @@ class UniformConfig(ReconstructionConfig):
 
 
 @register_algorithm(UniformConfig, needs_fp_model=True)
-def calibrate_uniform(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module, progress: bool = True) -> dict:
+def calibrate_uniform(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module, progress: bool = True,
+                      weight_fn: WeightFn | None = None) -> dict:
+    """``weight_fn`` (see ``sweep``) weights the units' samples; None weights them equally."""
     init_ranges(model, config, calib, config.algorithm, progress)
-    return {"blocks": sweep(model, fp_model, config, calib, config.algorithm, progress)}
+    return {"blocks": sweep(model, fp_model, config, calib, config.algorithm, progress, weight_fn=weight_fn)}

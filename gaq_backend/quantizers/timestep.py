@@ -42,13 +42,17 @@ class TimestepRanges(nn.Module):
         self.register_buffer("scale", torch.ones(n))
         self.register_buffer("zero_point", torch.zeros(n))
 
+    def nearest(self, t: torch.Tensor) -> torch.Tensor:
+        """Index of the table entry nearest to each of the timesteps ``t``."""
+        return (t.view(-1, 1) - self.t.view(1, -1)).abs().argmin(dim=1)
+
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = current_timestep_tensor()
         if t.numel() == 1:
             t = t.expand(x.shape[0])
         if t.numel() != x.shape[0]:
             raise RuntimeError(f"timestep batch ({t.numel()}) does not match activation batch ({x.shape[0]})")
-        idx = (t.view(-1, 1) - self.t.view(1, -1)).abs().argmin(dim=1)
+        idx = self.nearest(t)
         shape = (-1,) + (1,) * (x.dim() - 1)
         return self.scale[idx].view(shape), self.zero_point[idx].view(shape)
 

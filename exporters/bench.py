@@ -15,9 +15,13 @@ import time
 from typing import Any
 
 import numpy as np
+import onnx
 from tqdm import tqdm
 
-from .onnx_export import export_fp, export_quantized, file_mb
+from gaq_backend import __version__
+from gaq_backend.utils.cache import prepare_cache_dir
+
+from .onnx_export import export_fp, export_quantized, file_mb, is_gaq_onnx
 from .ort_runtime import PROVIDERS, ProviderUnavailable, create_session
 
 
@@ -41,6 +45,16 @@ def _quantize_static(fp32: str, out: str, x: np.ndarray, t: np.ndarray) -> None:
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "MatMul", "Gemm"],
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        model = onnx.load(tmp)
+        onnx.helper.set_model_props(model, {"gaq.version": __version__, "gaq.variant": "quantize_static-w8a8"})
+        onnx.save(model, tmp)
+
+
+def _work_file(work_dir: str, name: str) -> str:
+    """A variant's path in the work folder; a file of that name that gaq did not write is refused, not replaced."""
+    from gaq_backend.utils.io import check_output_file
+
+    return check_output_file(os.path.join(work_dir, name), False, is_gaq_onnx, flag="--work-dir file")
 
 
 def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bool) -> tuple[list[dict], list[dict]]:
@@ -51,7 +65,7 @@ def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bo
 
     from .validate import parity_inputs
 
-    os.makedirs(work_dir, exist_ok=True)
+    prepare_cache_dir(work_dir, "--work-dir")
     variants: list[dict] = []
     refused: list[dict] = []
     bases: set[str] = set()
@@ -64,20 +78,20 @@ def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bo
             fp = load_unet(base)
             shape = [fp.config.in_channels, fp.config.sample_size, fp.config.sample_size]
             # opset 20: onnxruntime 1.31's Q/DQ propagation breaks quantize_static's graph at opset 21
-            fp32 = export_fp(fp, os.path.join(work_dir, f"{tag}-fp32.onnx"), opset=20)
+            fp32 = export_fp(fp, _work_file(work_dir, f"{tag}-fp32.onnx"), opset=20)
             variants.append(dict(variant="fp32", source=base, path=fp32, shape=shape))
             if want_fp16:
-                variants.append(dict(variant="fp16", source=base, path=export_fp(fp, os.path.join(work_dir, f"{tag}-fp16.onnx"), opset=20, half=True),
+                variants.append(dict(variant="fp16", source=base, path=export_fp(fp, _work_file(work_dir, f"{tag}-fp16.onnx"), opset=20, half=True),
                                      shape=shape, gpu_only=True))
             x, t = parity_inputs(recipe, sched, 64, progress)
-            qs = os.path.join(work_dir, f"{tag}-quantize_static-w8a8.onnx")
+            qs = _work_file(work_dir, f"{tag}-quantize_static-w8a8.onnx")
             _quantize_static(fp32, qs, x.numpy(), t.numpy())
             variants.append(dict(variant="quantize_static-w8a8", source=base, path=qs, shape=shape))
         qcfg = recipe.quant_config()
         bits = f"w{qcfg.w_bits}a{qcfg.a_bits}"
         for form in ("int8", "int4") if qcfg.w_bits <= 4 else ("int8",):
             name = f"{bits}-{form}"
-            out = os.path.join(work_dir, f"{os.path.basename(os.path.normpath(d))}-{form}.onnx")
+            out = _work_file(work_dir, f"{os.path.basename(os.path.normpath(d))}-{form}.onnx")
             try:
                 export_quantized(d, out, form, progress=progress)
             except ValueError as e:

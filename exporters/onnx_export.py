@@ -23,7 +23,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from gaq_backend.utils.io import _umask_mode
+from gaq_backend.utils.io import tmp_prefix, umask_mode, clean_stale_tmp
 
 from .qdq_forms import export_forms
 
@@ -201,14 +201,15 @@ def save_model_atomic(model: onnx.ModelProto, out: str, external_data: bool | No
         external_data = model.ByteSize() > EXTERNAL_DATA_BYTES
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    clean_stale_tmp(parent)
+    tmp = tempfile.mkdtemp(prefix=tmp_prefix(os.path.basename(out)), dir=parent)
     name, data_name = os.path.basename(out), os.path.basename(out) + ".data"
     try:
         onnx.save_model(model, os.path.join(tmp, name), save_as_external_data=external_data,
                         all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
         result = check(os.path.join(tmp, name)) if check else None
         for f in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, f), _umask_mode(0o666))  # onnx writes external data as 0600
+            os.chmod(os.path.join(tmp, f), umask_mode(0o666))  # onnx writes external data as 0600
         if external_data:
             os.replace(os.path.join(tmp, data_name), os.path.join(parent, data_name))
         elif os.path.exists(os.path.join(parent, data_name)):
@@ -217,6 +218,15 @@ def save_model_atomic(model: onnx.ModelProto, out: str, external_data: bool | No
         return result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_gaq_onnx(path: str) -> bool:
+    """Whether ``path`` is an ONNX file gaq wrote (its metadata names gaq), so a new export may replace it."""
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # not ONNX at all
+        return False
+    return any(p.key == "gaq.version" for p in model.metadata_props)
 
 
 def file_mb(path: str) -> float:
@@ -269,6 +279,10 @@ def export_fp(unet: nn.Module, out: str, opset: int = 21, half: bool = False) ->
     """The float baseline (FP32, or FP16 for GPUs) of a plain diffusers UNet, for benchmarks."""
     import copy
 
+    from gaq_backend import __version__
+
     # tracing leaves the model as it is; only the half-precision cast needs a copy
-    save_model_atomic(trace_to_onnx(copy.deepcopy(unet).half() if half else unet, opset, half), out)
+    model = trace_to_onnx(copy.deepcopy(unet).half() if half else unet, opset, half)
+    _set_metadata(model, {"gaq.version": __version__, "gaq.variant": "fp16" if half else "fp32"})
+    save_model_atomic(model, out)
     return out

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gaq_backend.utils.memory import check_fits
+
 from .ort_runtime import create_session, metadata, predict_noise
 
 
@@ -102,6 +104,7 @@ def sample(model_path: str, num_samples: int = 16, seed: int = 0, steps: int | N
     sched = DDIMSchedule.from_config(json.loads(meta["gaq.scheduler_config"]), steps)
     rng = np.random.default_rng(seed)
     shape = tuple(json.loads(meta["gaq.sample_shape"]))
+    check_fits(num_samples * int(np.prod(shape)) * 4 * 4, f"{num_samples} samples", "--num-samples")
     if noise is None:
         noise = rng.standard_normal((num_samples, *shape), dtype=np.float32)
     elif noise.ndim != 4 or tuple(noise.shape[1:]) != shape:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+
+from .config import INT_MAX, SEED_MAX
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -12,7 +15,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or default_out_dir(recipe)
-    report = run_recipe(recipe, out, progress=not args.quiet)
+    report = run_recipe(recipe, out, progress=not args.quiet, overwrite=args.overwrite, recipe_path=args.recipe, dry_run=args.dry_run)
+    if report is None:
+        print(f"dry run: recipe, model and output folder {out} check out; nothing written")
+        return 0
     m, t = report["metrics"], report["timings"]
     print(f"{report['algorithm']} W{report['w_bits']}A{report['a_bits']}: noise_mse {m['noise_mse']:.6f}, "
           f"sample_mse_vs_fp {m['sample_mse_vs_fp']:.6f}; capture {t['capture']:.1f}s, calibration {t['calibration']:.1f}s, "
@@ -25,8 +31,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.fid_eval import evaluate_dir
     from .evaluation.reference import default_reference
 
-    if args.num_samples < 4:
-        raise ValueError(f"--num-samples must be at least 4; got {args.num_samples}")
     res = evaluate_dir(args.dir, args.reference or default_reference(), args.num_samples, args.seed, args.steps, args.batch_size,
                        args.reference_count, args.cache_dir, progress=not args.quiet)
     n, ref = res["n_samples"], res["reference"]
@@ -40,8 +44,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from exporters.onnx_export import export_quantized
+    from exporters.onnx_export import export_quantized, is_gaq_onnx
 
+    from .utils.io import check_output_file
+
+    check_output_file(args.out, args.overwrite, is_gaq_onnx)
+    check_output_file(args.out + ".data", args.overwrite, lambda p: is_gaq_onnx(args.out), flag="--out (its .data file)")
     res = export_quantized(args.dir, args.out, args.weights, args.opset, args.check_samples,
                            True if args.external_data else None, progress=not args.quiet)
     p = res.parity
@@ -61,10 +69,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from exporters.ort_sampler import sample
 
-    from .evaluation.images import grid, save_grid, to_uint8
-    from .utils.io import atomic_path
+    from .evaluation.images import grid, is_gaq_png, save_grid, to_uint8
+    from .utils.io import atomic_path, check_output_file
 
-    noise = np.load(args.noise) if args.noise else None
+    check_output_file(args.out, args.overwrite, is_gaq_png)
+    if args.npy:
+        check_output_file(args.npy, args.overwrite, flag="--npy")
+    noise = _load_noise(args.noise) if args.noise else None
     imgs = sample(args.onnx, args.num_samples, args.seed, args.steps, args.eta, noise, args.batch_size, args.provider,
                   progress=not args.quiet)
     with atomic_path(args.out) as tmp:
@@ -80,6 +91,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from exporters.bench import run_bench
 
+    from .utils.io import check_output_file
+
+    check_output_file(args.json, args.overwrite, flag="--json")
+    if args.markdown:
+        check_output_file(args.markdown, args.overwrite, flag="--markdown")
     config = {}
     for item in args.ort_option:
         key, sep, value = item.partition("=")
@@ -95,25 +111,79 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .models.train import TrainConfig, train
 
-    out = train(TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, ema_start=args.ema_start, threads=args.threads))
+    out = train(TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            ema_start=args.ema_start, threads=args.threads), overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
+
+
+def _load_noise(path: str):
+    import numpy as np
+
+    try:
+        noise = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--noise {path}: not a readable .npy file ({' '.join(str(e).split())[:120]})") from None
+    if noise.ndim != 4 or not np.issubdtype(noise.dtype, np.floating) or not np.isfinite(noise).all():
+        raise ValueError(f"--noise {path}: expected finite float noise of shape (N, C, H, W); got {noise.dtype} {noise.shape}")
+    return noise
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument types: every numeric flag is checked when the arguments are read, with its allowed range.
+
+def _int_in(lo: int, hi: int = INT_MAX):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer; got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}]; got {v}")
+        return v
+    return parse
+
+
+def _float_in(lo: float, hi: float):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+        if not (math.isfinite(v) and lo <= v <= hi):
+            raise argparse.ArgumentTypeError(f"must be a number in [{lo:g}, {hi:g}]; got {text}")
+        return v
+    return parse
+
+
+POSITIVE, NON_NEGATIVE, SEED_ARG = _int_in(1), _int_in(0), _int_in(0, SEED_MAX)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (usage is one ``--help`` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"gaq: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="gaq", description="Post-training quantization of diffusion UNets.")
+    p = _Parser(prog="gaq", description="Post-training quantization of diffusion UNets.")
     p.add_argument("--version", action="version", version=f"gaq {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
+    overwrite = argparse.ArgumentParser(add_help=False)
+    overwrite.add_argument("--overwrite", action="store_true",
+                           help="write into an existing output that gaq did not write (only gaq's own files are replaced)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    q = sub.add_parser("quantize", parents=[common], help="calibrate and quantize a UNet from a recipe")
+    q = sub.add_parser("quantize", parents=[common, overwrite], help="calibrate and quantize a UNet from a recipe")
     q.add_argument("recipe", help="YAML recipe, e.g. recipes/ddpm-mnist-w4a8.yaml")
     q.add_argument("--out", help="output folder (default: out/<recipe>-<algorithm>)")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key by dotted path, e.g. --set algorithm=minmax --set quantization.w_bits=8")
+    q.add_argument("--dry-run", action="store_true", help="check the recipe, the model and the output folder, then stop")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
 
@@ -121,47 +191,47 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("dir", help="output folder of gaq quantize")
     e.add_argument("--reference", help="MNIST IDX file, folder of PNG/JPEG, or 'embedded-digits' "
                    "(default: $GAQ_MNIST_TEST, else ../shared/data/mnist test set, else embedded-digits)")
-    e.add_argument("--num-samples", type=int, default=2000)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--steps", type=int, help="DDIM steps (default: the recipe's sampler)")
-    e.add_argument("--batch-size", type=int, default=250)
-    e.add_argument("--reference-count", type=int, help="use only the first N reference images")
+    e.add_argument("--num-samples", type=_int_in(4), default=2000)
+    e.add_argument("--seed", type=SEED_ARG, default=0)
+    e.add_argument("--steps", type=_int_in(1, 1000), help="DDIM steps (default: the recipe's sampler)")
+    e.add_argument("--batch-size", type=POSITIVE, default=250)
+    e.add_argument("--reference-count", type=_int_in(2), help="use only the first N reference images")
     e.add_argument("--cache-dir", default=".cache/gaq")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)
 
-    x = sub.add_parser("export", parents=[common], help="export a quantized folder to ONNX with Q/DQ nodes")
+    x = sub.add_parser("export", parents=[common, overwrite], help="export a quantized folder to ONNX with Q/DQ nodes")
     x.add_argument("dir", help="output folder of gaq quantize")
     x.add_argument("--out", required=True, help="the .onnx file to write")
     x.add_argument("--weights", choices=["int8", "int4"], default="int8",
                    help="weight initializers: int8 (4-bit values in INT8, takes int8 kernels) or int4 (compact, opset 21)")
-    x.add_argument("--opset", type=int, default=21)
-    x.add_argument("--check-samples", type=int, default=64, help="held-out calibration inputs for the parity check")
+    x.add_argument("--opset", type=_int_in(1, 99), default=21)
+    x.add_argument("--check-samples", type=_int_in(1, 100_000), default=64, help="held-out calibration inputs for the parity check")
     x.add_argument("--external-data", action="store_true", help="store weights in OUT.data (automatic above 1 GiB)")
     x.add_argument("--quiet", action="store_true")
     x.set_defaults(func=_cmd_export)
 
-    s = sub.add_parser("sample", parents=[common], help="DDIM samples from an exported ONNX UNet (onnxruntime + NumPy, no torch)")
+    s = sub.add_parser("sample", parents=[common, overwrite], help="DDIM samples from an exported ONNX UNet (onnxruntime + NumPy, no torch)")
     s.add_argument("--onnx", required=True, help="a file written by gaq export")
     s.add_argument("--out", default="samples.png", help="PNG grid to write")
     s.add_argument("--npy", help="also save the raw images (N, C, H, W) in [-1, 1] as .npy")
-    s.add_argument("--num-samples", type=int, default=16)
-    s.add_argument("--seed", type=int, default=0, help="NumPy noise seed (not the same noise as torch's for a seed)")
+    s.add_argument("--num-samples", type=_int_in(1, 1_000_000), default=16)
+    s.add_argument("--seed", type=SEED_ARG, default=0, help="NumPy noise seed (not the same noise as torch's for a seed)")
     s.add_argument("--noise", help=".npy of initial noise (N, C, H, W), e.g. to match the torch sampler")
-    s.add_argument("--steps", type=int, help="DDIM steps (default: the recipe's, from the file's metadata)")
-    s.add_argument("--eta", type=float)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--steps", type=_int_in(1, 1000), help="DDIM steps (default: the recipe's, from the file's metadata)")
+    s.add_argument("--eta", type=_float_in(0.0, 1.0))
+    s.add_argument("--batch-size", type=POSITIVE, default=64)
     s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_sample)
 
-    b = sub.add_parser("bench", parents=[common], help="onnxruntime latency of FP32 / FP16 / quantize_static W8A8 / gaq exports")
+    b = sub.add_parser("bench", parents=[common, overwrite], help="onnxruntime latency of FP32 / FP16 / quantize_static W8A8 / gaq exports")
     b.add_argument("dirs", nargs="+", help="output folders of gaq quantize (their base model is benchmarked too)")
     b.add_argument("--provider", action="append", choices=["cpu", "cuda", "tensorrt"], help="repeatable (default: cpu)")
-    b.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    b.add_argument("--repeats", type=int, default=20)
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    b.add_argument("--batch", type=_int_in(1, 4096), nargs="+", default=[1, 8])
+    b.add_argument("--repeats", type=_int_in(3, 100_000), default=20)
+    b.add_argument("--warmup", type=_int_in(0, 100_000), default=3)
+    b.add_argument("--threads", type=_int_in(0, 1024), default=0, help="onnxruntime intra-op threads (0: its default)")
     b.add_argument("--json", required=True, help="rows as JSON")
     b.add_argument("--markdown", help="also write a markdown table")
     b.add_argument("--ort-option", action="append", default=[], metavar="KEY=VALUE",
@@ -170,16 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_cmd_bench)
 
-    t = sub.add_parser("train", parents=[common], help="train the embedded MNIST DDPM (resumes from OUT.ckpt)")
+    t = sub.add_parser("train", parents=[common, overwrite], help="train the embedded MNIST DDPM (resumes from OUT.ckpt)")
     t.add_argument("--out", default=os.path.join("gaq_backend", "assets", "ddpm-mnist"))
-    t.add_argument("--steps", type=int, default=4000)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--ema-start", type=int, default=2000)
-    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--steps", type=POSITIVE, default=4000)
+    t.add_argument("--batch-size", type=_int_in(1, 65536), default=128)
+    t.add_argument("--lr", type=_float_in(1e-12, 1.0), default=2e-4)
+    t.add_argument("--seed", type=SEED_ARG, default=0)
+    t.add_argument("--ema-start", type=NON_NEGATIVE, default=2000)
+    t.add_argument("--threads", type=_int_in(0, 1024), default=0)
     t.set_defaults(func=_cmd_train)
     return p
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,11 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gaq: interrupted; no output was written", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # ConfigError and UnsupportedLayerError are ValueErrors
+    except (ValueError, OSError, RuntimeError) as e:  # ConfigError, OutputError, UnsupportedLayerError are ValueErrors
         if args.debug:
             raise
-        print(f"gaq: error: {e}", file=sys.stderr)
+        print(f"gaq: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug in gaq: still one line, and the way to see more
+        if args.debug:
+            raise
+        print(f"gaq: internal error: {type(e).__name__}: {_one_line(e)[:300]} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,14 +17,74 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names the key."""
 
 
+SEED_MAX = 2**32 - 1   # NumPy's and torch's generators both take seeds in [0, 2**32)
+INT_MAX = 2**31 - 1    # beyond any useful count, and still an index torch accepts
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric field, declared once beside it: ``field(default=1, metadata=at_least(1))``."""
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, v: float) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def describe(self, integer: bool) -> str:
+        kind, fmt = ("an integer", lambda x: str(int(x))) if integer else ("a number", lambda x: f"{x:g}")
+        if self.lo is not None and self.hi is not None:
+            return f"{kind} in {'(' if self.lo_open else '['}{fmt(self.lo)}, {fmt(self.hi)}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{kind} {'>' if self.lo_open else '>='} {fmt(self.lo)}"
+        if self.hi is not None:
+            return f"{kind} {'<' if self.hi_open else '<='} {fmt(self.hi)}"
+        return "a finite number"
+
+
+def at_least(lo: float) -> dict:
+    return {"range": Range(lo)}
+
+
+def above(lo: float) -> dict:
+    return {"range": Range(lo, lo_open=True)}
+
+
+def within(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> dict:
+    return {"range": Range(lo, hi, lo_open, hi_open)}
+
+
+SEED = {"range": Range(0, SEED_MAX)}
+
+
 class GaqBaseConfig:
-    """Base of every config dataclass. ``check`` raises :class:`ConfigError` naming the bad key."""
+    """Base of every config dataclass. Each numeric field must be finite and inside its declared
+    ``Range`` (integers at most ``INT_MAX``); ``check`` adds rules that span fields. Both raise
+    :class:`ConfigError` naming the key (``section.key``) and the allowed values."""
+    section: ClassVar[str] = ""   # where the config sits in a recipe
 
     def check(self, where: str = "") -> None:
         pass
 
+    def check_ranges(self, where: str) -> None:
+        prefix = f"{where}." if where else ""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            rng = f.metadata.get("range") or Range()
+            integer = f.type in ("int", int)
+            if not math.isfinite(v) or not rng.contains(v):
+                raise ConfigError(f"{prefix}{f.name} must be {rng.describe(integer)}; got {v!r}")
+            if integer and rng.hi is None and v > INT_MAX:
+                raise ConfigError(f"{prefix}{f.name} must be at most {INT_MAX}; got {v!r}")
+
     def __post_init__(self) -> None:
-        self.check()
+        self.check_ranges(self.section)
+        self.check(self.section)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -37,45 +99,49 @@ def _bits(value: Any, key: str, allow_32: bool) -> None:
 @dataclass
 class SamplerConfig(GaqBaseConfig):
     """The FP sampler used for calibration capture, reports and evaluation."""
+    section: ClassVar[str] = "sampler"
     kind: Literal["ddim"] = "ddim"
-    num_inference_steps: int = 50
-    eta: float = 0.0
-
-    def check(self, where: str = "sampler") -> None:
-        if self.num_inference_steps < 1:
-            raise ConfigError(f"{where}.num_inference_steps must be >= 1; got {self.num_inference_steps}")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ConfigError(f"{where}.eta must be in [0, 1]; got {self.eta}")
+    num_inference_steps: int = field(default=50, metadata=within(1, 1000))
+    eta: float = field(default=0.0, metadata=within(0, 1))
 
 
 @dataclass
 class CalibrationConfig(GaqBaseConfig):
     """Calibration capture (algorithm.md section 1)."""
-    n_per_step: int = 64          # seeds, i.e. samples recorded per recorded step
-    interval: int = 5             # record every interval-th sampler step
-    val_fraction: float = 0.05    # per recorded step, held out for validation
-    n_groups: int = 5             # timestep groups over the recorded steps
-    seed: int = 0
-    batch_size: int = 256         # sampler batch during capture
+    section: ClassVar[str] = "calibration"
+    n_per_step: int = field(default=64, metadata=at_least(2))   # seeds, i.e. samples recorded per recorded step
+    interval: int = field(default=5, metadata=at_least(1))      # record every interval-th sampler step
+    val_fraction: float = field(default=0.05, metadata=within(0, 1, True, True))  # per recorded step, held out for validation
+    n_groups: int = field(default=5, metadata=at_least(1))      # timestep groups over the recorded steps
+    seed: int = field(default=0, metadata=SEED)
+    batch_size: int = field(default=256, metadata=at_least(1))  # sampler batch during capture
     cache_dir: str = ".cache/gaq"
 
+    def n_val(self) -> int:
+        """Validation samples held out of each recorded step."""
+        return max(1, int(round(self.val_fraction * self.n_per_step)))
+
     def check(self, where: str = "calibration") -> None:
-        for k in ("n_per_step", "interval", "n_groups", "batch_size"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"{where}.{k} must be >= 1; got {getattr(self, k)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"{where}.val_fraction must be in (0, 1); got {self.val_fraction}")
+        if self.n_val() >= self.n_per_step:
+            raise ConfigError(f"{where}.n_per_step={self.n_per_step} with val_fraction={self.val_fraction} leaves no training "
+                              f"sample per step; raise n_per_step or lower val_fraction")
+        if not self.cache_dir.strip():
+            raise ConfigError(f"{where}.cache_dir must name a folder; got an empty string")
+        if os.path.lexists(self.cache_dir) and not os.path.isdir(self.cache_dir):
+            raise ConfigError(f"{where}.cache_dir {self.cache_dir} is a file; expected a folder")
 
 
 @dataclass
 class AlgorithmConfig(GaqBaseConfig):
     """Base of the per-algorithm settings; subclasses set ``name`` and register with the algorithm registry."""
     name: ClassVar[str] = ""
+    section: ClassVar[str] = "settings"
 
 
 @dataclass
 class QuantConfig(GaqBaseConfig):
     """What to quantize and how; ``algorithm`` selects and configures the calibrator."""
+    section: ClassVar[str] = "quantization"
     w_bits: int = field(default=4, metadata={"allowed": "an integer from 2 to 8"})
     a_bits: int = field(default=8, metadata={"allowed": "an integer from 2 to 8 or 32 (no quantization)"})
     weight_symmetric: bool = True
@@ -88,6 +154,9 @@ class QuantConfig(GaqBaseConfig):
     def check(self, where: str = "quantization") -> None:
         _bits(self.w_bits, f"{where}.w_bits", allow_32=False)
         _bits(self.a_bits, f"{where}.a_bits", allow_32=True)
+        for i, pattern in enumerate(self.keep_fp):
+            if not isinstance(pattern, str) or not pattern.strip():
+                raise ConfigError(f"{where}.keep_fp[{i}] must be a layer name or glob; got {pattern!r}")
 
     @property
     def preset_name(self) -> str:

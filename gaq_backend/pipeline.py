@@ -12,13 +12,17 @@ import torch
 from . import __version__
 from .api import quantize
 from .calibration import capture_calibration
+from .config import ConfigError
 from .evaluation import noise_mse, save_grid, side_by_side, to_uint8
 from .evaluation.images import grid
 from .models.embedded import EMBEDDED_MODEL_DIR, load_unet
 from .recipe import Recipe, dump_recipe
 from .sampling import ddim_sample, initial_noise
 from .serialization import save_quantized
-from .utils.io import atomic_dir, write_json
+from .utils.cache import prepare_cache_dir
+from .utils.io import check_output_dir, output_dir, write_json
+from .utils.memory import check_fits
+from .wrapping.wrap import check_keep_fp
 
 
 def resolve_model_path(model: str) -> str:
@@ -31,18 +35,55 @@ def load_model_and_scheduler(model: str) -> tuple[torch.nn.Module, dict]:
     sched_path = os.path.join(path, "scheduler_config.json")
     if not os.path.isfile(sched_path):
         raise FileNotFoundError(f"model folder has no scheduler_config.json: {path}")
-    with open(sched_path) as f:
-        return unet, json.load(f)
+    try:
+        with open(sched_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{sched_path}: not a JSON scheduler config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{sched_path}: not a JSON scheduler config (a {type(cfg).__name__}, not an object)")
+    return unet, cfg
+
+
+def preflight(recipe: Recipe, unet: torch.nn.Module, sched_cfg: dict) -> None:
+    """Checks that need the model, run before any long work: each failure is one line naming the key."""
+    n_train = int(sched_cfg.get("num_train_timesteps", 1000))
+    if recipe.sampler.num_inference_steps > n_train:
+        raise ConfigError(f"sampler.num_inference_steps must be at most the scheduler's num_train_timesteps ({n_train}); "
+                          f"got {recipe.sampler.num_inference_steps}")
+    check_keep_fp(unet, recipe.quantization.keep_fp)
+    image = unet.config.in_channels * unet.config.sample_size ** 2 * 4
+    # the report holds the initial noise, FP and quantized images, and a sampler batch's working set
+    check_fits(recipe.report.num_samples * image * 3 + recipe.report.batch_size * image * 200,
+               f"{recipe.report.num_samples} report samples", "report.num_samples")
+    calib = recipe.calibration
+    n_recorded = len(range(0, recipe.sampler.num_inference_steps, calib.interval))
+    check_fits(calib.n_per_step * n_recorded * image * 2 + calib.batch_size * image * 200,
+               f"{calib.n_per_step * n_recorded} calibration samples", "calibration.n_per_step")
 
 
 def default_out_dir(recipe: Recipe) -> str:
     return os.path.join("out", f"{recipe.name or 'recipe'}-{recipe.algorithm}")
 
 
-def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print) -> dict[str, Any]:
+def output_protect(recipe: Recipe, recipe_path: str | None = None) -> list[str]:
+    """Folders an output must never replace or contain: the model's, the cache, the recipe's."""
+    return [resolve_model_path(recipe.model), recipe.calibration.cache_dir] + ([os.path.dirname(os.path.abspath(recipe_path))] if recipe_path else [])
+
+
+def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, overwrite: bool = False,
+               recipe_path: str | None = None, dry_run: bool = False) -> dict[str, Any] | None:
+    """Quantize as the recipe says and write ``out_dir`` (see :func:`gaq_backend.utils.io.output_dir`).
+    ``dry_run``: run every check that needs no long work, then stop (returns None)."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    protect = output_protect(recipe, recipe_path)
+    check_output_dir(out_dir, "quantized", overwrite, protect)
+    prepare_cache_dir(recipe.calibration.cache_dir, "calibration.cache_dir")
     unet, sched_cfg = load_model_and_scheduler(recipe.model)
+    preflight(recipe, unet, sched_cfg)
+    if dry_run:
+        return None
     fp_unet = load_unet(resolve_model_path(recipe.model))
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
 
@@ -78,7 +119,7 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print) -
         algorithm_stats=unet.gaq_info.stats,
         environment=dict(gaq=__version__, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine()),
     )
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, "quantized", overwrite, protect) as tmp:
         save_quantized(unet, tmp, sched_cfg)
         dump_recipe(recipe, os.path.join(tmp, "recipe.yaml"))
         for name, write in artifacts.items():

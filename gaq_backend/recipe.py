@@ -8,26 +8,23 @@ import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from .algorithms import available_algorithms, get_algorithm
-from .config import (AlgorithmConfig, CalibrationConfig, ConfigError, GaqBaseConfig, QuantConfig, SamplerConfig,
-                     from_dict)
+from .config import (SEED, AlgorithmConfig, CalibrationConfig, ConfigError, GaqBaseConfig, QuantConfig, SamplerConfig,
+                     at_least, from_dict)
 
 
 @dataclass
 class ReportConfig(GaqBaseConfig):
     """What ``gaq quantize`` measures after calibration."""
-    num_samples: int = 64      # images sampled by FP and quantized model from the same seeds
-    grid: int = 16             # images per side in samples.png
-    seed: int = 1234
-    batch_size: int = 64
-
-    def check(self, where: str = "report") -> None:
-        if self.num_samples < 1 or self.grid < 1 or self.batch_size < 1:
-            raise ConfigError(f"{where}.num_samples, grid and batch_size must be >= 1")
+    section: ClassVar[str] = "report"
+    num_samples: int = field(default=64, metadata=at_least(1))   # images sampled by FP and quantized model from the same seeds
+    grid: int = field(default=16, metadata=at_least(1))          # images in samples.png, per model
+    seed: int = field(default=1234, metadata=SEED)
+    batch_size: int = field(default=64, metadata=at_least(1))
 
 
 @dataclass
@@ -40,6 +37,16 @@ class Recipe:
     settings: AlgorithmConfig | None = None
     report: ReportConfig = field(default_factory=ReportConfig)
     name: str = ""
+
+    def check(self) -> None:
+        """Rules that span sections (each section checks its own keys when built)."""
+        if self.name and (self.name in (".", "..") or any(sep in self.name for sep in ("/", "\\", os.sep))):
+            raise ConfigError(f"name must be a plain name without path separators (it names the default output folder); got {self.name!r}")
+        recorded = len(range(0, self.sampler.num_inference_steps, self.calibration.interval))
+        if self.calibration.n_groups > recorded:
+            raise ConfigError(f"calibration.n_groups={self.calibration.n_groups} exceeds the {recorded} recorded steps "
+                              f"({self.sampler.num_inference_steps} sampler steps, one in {self.calibration.interval}); "
+                              "lower calibration.n_groups or calibration.interval")
 
     def quant_config(self) -> QuantConfig:
         return dataclasses.replace(self.quantization, algorithm=self.settings)
@@ -54,6 +61,49 @@ class Recipe:
         return d
 
 
+MAX_DEPTH = 8   # recipes are three levels deep; this refuses runaway nesting long before Python's recursion limit
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML for recipes: no aliases (so no self-reference), no duplicate keys, bounded nesting."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed in recipes; write the value out")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"line {mark.line + 1}: nested deeper than {MAX_DEPTH} levels; a recipe is sections of keys")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: a key must be a plain name; got {key!r}")
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse recipe YAML; any problem is a :class:`ConfigError` that starts with ``where``."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+
+
 def set_override(data: dict, assignment: str) -> None:
     """Apply ``a.b.c=VALUE`` (VALUE parsed as YAML) to the nested dict ``data``."""
     if "=" not in assignment:
@@ -62,7 +112,7 @@ def set_override(data: dict, assignment: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"--set: bad key {key!r}")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = parse_yaml(raw, f"--set {key.strip()}") if raw.strip() else ""
     node = data
     for p in parts[:-1]:
         if node.get(p) is None:
@@ -87,17 +137,19 @@ def recipe_from_dict(data: Any) -> Recipe:
         raise ConfigError("unknown key 'quantization.algorithm' (the algorithm is the top-level key 'algorithm')")
     recipe = from_dict(Recipe, data, "", skip=("settings",))
     recipe.settings = settings
+    recipe.check()
     return recipe
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"recipe not found: {path}")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    data = parse_yaml(text, path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -109,5 +161,5 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
 
 
 def dump_recipe(recipe: Recipe, path: str) -> None:
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(recipe.to_dict(), f, sort_keys=False)

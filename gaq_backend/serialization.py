@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import QuantConfig
+from .utils.io import read_manifest
 from .wrapping import quant_layers
 
 WEIGHTS_FILE = "quantized_unet.safetensors"
@@ -55,11 +56,46 @@ def read_output_configs(folder: str) -> tuple[dict, "object"]:
     """(scheduler config, recipe) of a folder written by ``gaq quantize``, without building the model."""
     from .recipe import load_recipe
 
-    missing = [f for f in (WEIGHTS_FILE, UNET_CONFIG_FILE, SCHEDULER_FILE, "recipe.yaml") if not os.path.exists(os.path.join(folder, f))]
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} is not a folder (expected the output folder of gaq quantize)")
+    manifest = read_manifest(folder)
+    if manifest is not None and (manifest["kind"] != "quantized" or not manifest.get("complete", False)):
+        what = f"a gaq {manifest['kind']} output" if manifest["kind"] != "quantized" else "incomplete (a run writing it was interrupted)"
+        raise ValueError(f"{folder} is {what}; run gaq quantize again")
+    missing = [f for f in (WEIGHTS_FILE, UNET_CONFIG_FILE, SCHEDULER_FILE, "recipe.yaml") if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise FileNotFoundError(f"{folder} is not a gaq quantized output directory (missing {', '.join(missing)})")
-    with open(os.path.join(folder, SCHEDULER_FILE)) as f:
-        return json.load(f), load_recipe(os.path.join(folder, "recipe.yaml"))
+    _check_weights_header(os.path.join(folder, WEIGHTS_FILE))
+    return _read_json(os.path.join(folder, SCHEDULER_FILE)), load_recipe(os.path.join(folder, "recipe.yaml"))
+
+
+def _check_weights_header(path: str) -> None:
+    """Cheap: the header must parse and cover the file exactly (catches truncation before any long work)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors' own error type
+        raise ValueError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:160]})") from None
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors' own error type for truncated or garbage files
+        raise ValueError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:160]})") from None
 
 
 def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
@@ -69,19 +105,25 @@ def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
     from .api import wrap_for_config
 
     sched_cfg, recipe = read_output_configs(folder)
-    with open(os.path.join(folder, UNET_CONFIG_FILE)) as f:
-        unet_cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    model = UNet2DModel.from_config(unet_cfg)
+    unet_cfg = {k: v for k, v in _read_json(os.path.join(folder, UNET_CONFIG_FILE)).items() if not k.startswith("_")}
+    try:
+        model = UNet2DModel.from_config(unet_cfg)
+    except Exception as e:  # diffusers raises TypeError / ValueError / KeyError for a config it cannot build
+        raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: not a UNet2DModel config ({' '.join(str(e).split())[:160]})") from None
     qcfg: QuantConfig = recipe.quant_config()
     wrap_for_config(model, qcfg)
-    state = load_file(os.path.join(folder, WEIGHTS_FILE))
+    state = _read_weights(os.path.join(folder, WEIGHTS_FILE))
     _prepare_timestep_tables(model, state)
     for name, layer in quant_layers(model):
         key = f"{name}.weight_int"
         if key in state:
             layer.weight_int = state[key].float()
             state[key] = layer.weight_int
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: torch lists every one, over many lines
+        first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise ValueError(f"{folder}: {WEIGHTS_FILE} does not fit the model in {UNET_CONFIG_FILE} ({first})") from None
     expected_missing = {f"{n}.weight" for n, l in quant_layers(model) if l.weight_int is not None}
     if set(result.missing_keys) != expected_missing or result.unexpected_keys:
         bad = sorted(set(result.missing_keys) ^ expected_missing) + list(result.unexpected_keys)

@@ -56,14 +56,14 @@ def test_capture_records_every_interval_step_and_reuses_cache(tiny_model_dir, tm
         assert torch.allclose(unet(calib.x[:3], calib.t[:3]).sample, calib.eps[:3], atol=1e-5)
     again, cached = capture_calibration(unet, _sched(tiny_model_dir), sampler, cfg, progress=False)
     assert cached and torch.equal(again.x, calib.x)
-    assert len(list(tmp_path.glob("calib-*.pt"))) == 1
+    assert len(list(tmp_path.glob("calib-*.safetensors"))) == 1
     # a different setting or different weights is a cache miss
     _, cached = capture_calibration(unet, _sched(tiny_model_dir), sampler, CalibrationConfig(**{**cfg.to_dict(), "seed": 1}), progress=False)
     assert not cached
     with torch.no_grad():
         unet.conv_in.weight.add_(0.01)
     _, cached = capture_calibration(unet, _sched(tiny_model_dir), sampler, cfg, progress=False)
-    assert not cached and len(list(tmp_path.glob("calib-*.pt"))) == 3
+    assert not cached and len(list(tmp_path.glob("calib-*.safetensors"))) == 3
 
 
 def test_nan_in_calibration_data_is_reported(tiny_model_dir, tmp_path):

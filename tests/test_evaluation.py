@@ -96,8 +96,8 @@ def test_gaq_eval_end_to_end(write_recipe, tmp_path, digits):
     assert res["quantized"]["fid_vs_fp"] > 0 and res["fp"]["inception_score"] is None
     assert (out / "eval-samples.png").exists()
     # the second evaluation reuses the cached reference and FP features
-    n_cached = len(list((tmp_path / "cache").glob("*.npz")))
-    assert main(args) == 0 and len(list((tmp_path / "cache").glob("*.npz"))) == n_cached
+    n_cached = len(list((tmp_path / "cache").glob("*.safetensors")))
+    assert main(args) == 0 and len(list((tmp_path / "cache").glob("*.safetensors"))) == n_cached
     assert json.loads((out / "eval.json").read_text())["fp"]["fid"] == pytest.approx(res["fp"]["fid"])
 
 

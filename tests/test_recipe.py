@@ -33,7 +33,7 @@ def test_shipped_presets_have_the_right_bits():
     (lambda d: d["quantization"].update(wbits=4), r"unknown key 'quantization.wbits' \(allowed: w_bits, a_bits"),
     (lambda d: d.update(sampler=dict(num_inference_steps="fifty")), r"sampler.num_inference_steps must be an integer"),
     (lambda d: d.update(settings=dict(weight_range="l1")), r"settings.weight_range must be one of max, mse"),
-    (lambda d: d.update(calibration=dict(val_fraction=1.5)), r"calibration.val_fraction must be in \(0, 1\)"),
+    (lambda d: d.update(calibration=dict(val_fraction=1.5)), r"calibration.val_fraction must be a number in \(0, 1\)"),
     (lambda d: d.update(extra=1), r"unknown key 'extra'"),
     (lambda d: d["quantization"].update(keep_fp="conv_in"), r"quantization.keep_fp must be a list"),
 ])

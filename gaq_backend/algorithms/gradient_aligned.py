@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from ..calibration import CalibrationSet
-from ..config import ConfigError, QuantConfig
+from ..config import ConfigError, QuantConfig, above, at_least
 from ..quantizers.adaround import AdaRound
 from .block_cache import BlockData
 from .blocks import ReconUnit
@@ -46,31 +46,20 @@ class GradientAlignedConfig(TemporalConfig):
     section's ``val_fraction`` [0.05] and ``n_groups`` [5]."""
     name: ClassVar[str] = "gradient_aligned"
     base: Literal["uniform", "temporal"] = "uniform"   # reconstruction the weights plug into
-    tau: float = 1.0                  # softmax temperature [1; 0.2 collapses]
-    outer_iters: int = 16             # outer steps per unit [1500]
+    tau: float = field(default=1.0, metadata=above(0))          # softmax temperature [1; 0.2 collapses]
+    outer_iters: int = field(default=16, metadata=at_least(0))  # outer steps per unit [1500]
     # Adam on the logits [5e-6]. Adam moves a logit by about outer_lr per step, so the paper's 1,500 x 5e-6
     # changes weights by < 1%; 16 x 0.05 lets them move by up to e^0.8 (docs/benchmarks.md, ablation rows)
-    outer_lr: float = 0.05
-    outer_batch_size: int = 32        # training samples per inner step
-    inner_lr: float = 1e-3            # RMS size of the inner step on V (the gradient is normalised) [not given]
+    outer_lr: float = field(default=0.05, metadata=above(0))
+    outer_batch_size: int = field(default=32, metadata=at_least(1))  # training samples per inner step
+    inner_lr: float = field(default=1e-3, metadata=above(0))    # RMS size of the inner step on V (the gradient is normalised) [not given]
     init_logit: float = 1 / 32        # [1/32]; any constant gives uniform weights
     alignment: Literal["dot", "cosine"] = "dot"          # L_gm^(2) as written, or on cosines (Figure 1a)
     order: Literal["first", "second"] = "first"          # outer gradient: first-order identity or exact autograd
     validation: Literal["mse+gm", "mse"] = "mse+gm"      # "mse" drops L_gm (ablation)
-    fd_step: float = 1e-3             # central-difference step: max |change of V| along a group gradient
+    fd_step: float = field(default=1e-3, metadata=above(0))     # central-difference step: max |change of V| along a group gradient
     diagnostics: bool = True          # entropy, gradient cosine distances, weight-vs-alignment data and plots
-    diagnostic_samples: int = 256     # training samples used for the per-group gradient cosine distances
-
-    def check(self, where: str = "settings") -> None:
-        super().check(where)
-        for k in ("tau", "outer_lr", "inner_lr", "fd_step"):
-            if not getattr(self, k) > 0:
-                raise ConfigError(f"{where}.{k} must be > 0; got {getattr(self, k)}")
-        if self.outer_iters < 0:
-            raise ConfigError(f"{where}.outer_iters must be >= 0; got {self.outer_iters}")
-        for k in ("outer_batch_size", "diagnostic_samples"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"{where}.{k} must be >= 1; got {getattr(self, k)}")
+    diagnostic_samples: int = field(default=256, metadata=at_least(1))  # training samples used for the per-group gradient cosine distances
 
 
 def softmax_vjp(w: torch.Tensor, d: torch.Tensor, tau: float) -> torch.Tensor:

@@ -2,13 +2,13 @@
 the FP model's activations on the calibration set. No reconstruction: the floor to beat."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from torch import nn
 
 from ..calibration import CalibrationSet
-from ..config import AlgorithmConfig, ConfigError, QuantConfig
+from ..config import AlgorithmConfig, QuantConfig, at_least, within
 from ..quantizers.observers import MinMaxObserver, PercentileObserver
 from ..wrapping import quant_layers
 from .common import observing_activations, run_calibration_batches, set_quant_state
@@ -20,14 +20,11 @@ class MinMaxConfig(AlgorithmConfig):
     name: ClassVar[str] = "minmax"
     weight_range: Literal["max", "mse"] = "max"       # per-channel max, or MSE search over clipping ratios
     act_range: Literal["minmax", "percentile"] = "minmax"
-    percentile: float = 99.99                          # used when act_range is "percentile"
-    batch_size: int = 64
+    percentile: float = field(default=99.99, metadata=within(50, 100, lo_open=True))  # used when act_range is "percentile"
+    batch_size: int = field(default=64, metadata=at_least(1))
 
     def check(self, where: str = "settings") -> None:
-        if not 50.0 < self.percentile <= 100.0:
-            raise ConfigError(f"{where}.percentile must be in (50, 100]; got {self.percentile}")
-        if self.batch_size < 1:
-            raise ConfigError(f"{where}.batch_size must be >= 1; got {self.batch_size}")
+        pass
 
 
 def fit_weights(model: nn.Module, method: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal
 
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..calibration import CalibrationSet
-from ..config import AlgorithmConfig, ConfigError, QuantConfig
+from ..config import SEED, AlgorithmConfig, QuantConfig, above, at_least, within
 from ..quantizers.adaround import AdaRound
 from ..sampling import unet_forward
 from .block_cache import BlockData, cache_inputs, cache_outputs
@@ -30,33 +30,21 @@ class ReconstructionConfig(AlgorithmConfig):
     """Published values (Q-Diffusion / BRECQ): iters 20000, act_iters 5000, batch 32, lr 1e-3,
     act_lr 4e-4, reg_weight 0.01, warmup 0.2, beta 20 -> 2, p 2.4. The defaults here are a CPU budget."""
     name: ClassVar[str] = ""
-    iters: int = 300                 # AdaRound iterations per unit
-    act_iters: int = 150             # activation step-size iterations per unit (when a_bits < 32)
-    batch_size: int = 32
-    lr: float = 1e-3                 # Adam on AdaRound's V
-    act_lr: float = 4e-4             # Adam on activation step sizes, cosine schedule
-    reg_weight: float = 0.01         # lambda of the rounding regulariser
-    warmup: float = 0.2              # fraction of iters without the rounding term
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    p: float = 2.4                   # Lp norm of the activation-step loss (weights use p = 2)
+    iters: int = field(default=300, metadata=at_least(0))       # AdaRound iterations per unit
+    act_iters: int = field(default=150, metadata=at_least(0))   # activation step-size iterations per unit (when a_bits < 32)
+    batch_size: int = field(default=32, metadata=at_least(1))
+    lr: float = field(default=1e-3, metadata=above(0))          # Adam on AdaRound's V
+    act_lr: float = field(default=4e-4, metadata=above(0))      # Adam on activation step sizes, cosine schedule
+    reg_weight: float = field(default=0.01, metadata=at_least(0))  # lambda of the rounding regulariser
+    warmup: float = field(default=0.2, metadata=within(0, 1, hi_open=True))  # fraction of iters without the rounding term
+    beta_start: float = field(default=20.0, metadata=above(0))
+    beta_end: float = field(default=2.0, metadata=above(0))
+    p: float = field(default=2.4, metadata=above(0))            # Lp norm of the activation-step loss (weights use p = 2)
     weight_range: Literal["max", "mse"] = "mse"
     act_range: Literal["minmax", "percentile"] = "minmax"   # initial activation ranges before LSQ
-    percentile: float = 99.99
-    cache_batch_size: int = 64
-    seed: int = 0
-
-    def check(self, where: str = "settings") -> None:
-        for k in ("iters", "act_iters"):
-            if getattr(self, k) < 0:
-                raise ConfigError(f"{where}.{k} must be >= 0; got {getattr(self, k)}")
-        for k in ("batch_size", "cache_batch_size"):
-            if getattr(self, k) < 1:
-                raise ConfigError(f"{where}.{k} must be >= 1; got {getattr(self, k)}")
-        if not 0.0 <= self.warmup < 1.0:
-            raise ConfigError(f"{where}.warmup must be in [0, 1); got {self.warmup}")
-        if self.p <= 0 or self.lr <= 0 or self.act_lr <= 0:
-            raise ConfigError(f"{where}.p, lr and act_lr must be > 0")
+    percentile: float = field(default=99.99, metadata=within(50, 100, lo_open=True))
+    cache_batch_size: int = field(default=64, metadata=at_least(1))
+    seed: int = field(default=0, metadata=SEED)
 
 
 def per_sample_lp(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:

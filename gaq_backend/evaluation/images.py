@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 
+PNG_SOFTWARE = "gaq"
+
 
 def to_uint8(x) -> np.ndarray:
     """Model-range images (N, C, H, W) in [-1, 1], a torch tensor or a NumPy array -> uint8 (N, H, W, C)."""
@@ -40,4 +42,19 @@ def save_grid(path: str, image: np.ndarray, scale: int = 2) -> None:
     pil = Image.fromarray(img)
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    pil.save(path, format="PNG")
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)  # lets a later run recognise the file as gaq's and replace it
+    pil.save(path, format="PNG", pnginfo=info)
+
+
+def is_gaq_png(path: str) -> bool:
+    """Whether ``path`` is a PNG that :func:`save_grid` wrote."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.text.get("Software") == PNG_SOFTWARE
+    except Exception:  # not an image PIL can read: not ours
+        return False

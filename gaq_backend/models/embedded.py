@@ -5,7 +5,6 @@ embedding, self-attention at the 8x8 level, and skip concatenations on the up pa
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -43,12 +42,10 @@ def load_unet(path: str | None = None):
         raise FileNotFoundError(f"model path does not exist: {path}")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model path has no config.json (not a diffusers model folder): {path}")
-    model = UNet2DModel.from_pretrained(path)
+    try:
+        model = UNet2DModel.from_pretrained(path)
+    except Exception as e:  # diffusers raises OSError, ValueError, JSON and safetensors errors for a bad folder
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ValueError(f"{path}: diffusers cannot load a UNet2DModel from it ({reason})") from None
     model.eval()
     return model
-
-
-def scheduler_config(path: str | None = None) -> dict[str, Any]:
-    path = path or EMBEDDED_MODEL_DIR
-    with open(os.path.join(path, "scheduler_config.json")) as f:
-        return json.load(f)

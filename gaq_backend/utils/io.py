@@ -1,4 +1,16 @@
-"""Atomic file and directory writes, so an interrupted run never leaves output that looks complete."""
+"""The one output writer: atomic files and folders that never replace what gaq did not write.
+
+- ``output_dir(path, kind)`` builds a folder under a temporary name and moves it into place at the end.
+  An existing folder is written into only if its manifest (``gaq-manifest.json``, written last) says
+  it is a gaq output of the same kind, or with ``overwrite=True``; even then only the files gaq writes
+  are replaced, and the previous output's files that the new one no longer has are removed. The working
+  directory, its ancestors, the home folder and any folder the caller protects (the recipe's, the
+  model's, the cache) are refused outright.
+- ``output_file(path)`` does the same for one file: an existing file is replaced only if ``owned(path)``
+  recognises it as gaq's, or with ``overwrite=True``.
+- Temporary names carry the writer's pid (``.tmp-gaq-<pid>-...``), so the next run removes the ones a
+  killed run left behind (``clean_stale_tmp``) and never touches a live writer's.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,60 +18,203 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+MANIFEST = "gaq-manifest.json"
+TMP_PREFIX = ".tmp-gaq-"
 
 
-def _umask_mode(base: int) -> int:
+class OutputError(ValueError):
+    """An output path gaq may not write; the message names the path and what to do."""
+
+
+def umask_mode(base: int) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return base & ~mask
 
 
+def tmp_prefix(name: str) -> str:
+    return f"{TMP_PREFIX}{os.getpid()}-{name}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_stale_tmp(folder: str) -> list[str]:
+    """Remove ``.tmp-gaq-<pid>-*`` entries in ``folder`` whose writer is no longer running; returns them."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(TMP_PREFIX):
+            continue
+        pid = name[len(TMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+        removed.append(path)
+    return removed
+
+
+def _check_parent(path: str, flag: str) -> str:
+    """The nearest existing ancestor of ``path`` must be a folder."""
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise OutputError(f"{flag} {path}: {parent} is a file, not a folder")
+    return parent
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    Callers that may meet a file gaq did not write check with :func:`check_output_file` first."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise OutputError(f"{path} is a folder; expected a file path")
+    _check_parent(path, "output")
+    parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(os.path.basename(path)), dir=parent)
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, _umask_mode(0o666))
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str) -> Iterator[str]:
-    """Build a directory under a temporary name and swap it into place at the end.
+def read_manifest(folder: str) -> dict | None:
+    """The manifest of a gaq output folder, or None if it has none (or an unreadable one)."""
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(m, dict) and isinstance(m.get("kind"), str) and isinstance(m.get("files"), list)
+    return m if ok else None
 
-    On failure the temporary directory is removed and any earlier ``path`` is left untouched.
-    """
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
+
+def _protected(extra: Iterable[str]) -> list[tuple[str, str]]:
+    return [(os.path.realpath(os.getcwd()), "the working directory"), (os.path.realpath(os.path.expanduser("~")), "the home folder"),
+            *((os.path.realpath(p), "an input of this run (model, cache or recipe folder)") for p in extra if p)]
+
+
+def check_output_dir(path: str, kind: str, overwrite: bool = False, protect: Iterable[str] = (), flag: str = "--out") -> str:
+    """Raise :class:`OutputError` unless gaq may write a ``kind`` output folder at ``path``; returns it absolute."""
+    if not path or not str(path).strip():
+        raise OutputError(f"{flag} is empty; name a new folder")
+    path = os.path.abspath(os.path.expanduser(path))
+    real = os.path.realpath(path)
+    for p, what in _protected(protect):
+        if real == p or p.startswith(real.rstrip(os.sep) + os.sep):
+            where = "is" if real == p else f"contains {p},"
+            raise OutputError(f"{flag} {path} {where} {what}, which gaq never writes over; name a new folder")
+    _check_parent(path, flag)
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise OutputError(f"{flag} {path} is a file; expected a folder (choose another path)")
+        m = read_manifest(path)
+        if m is not None and m["kind"] != kind:
+            raise OutputError(f"{flag} {path} is a gaq {m['kind']} output, not a {kind} output; name another folder")
+        if m is None and os.listdir(path) and not overwrite:
+            raise OutputError(f"{flag} {path} exists and was not written by gaq; name a new folder, or pass --overwrite "
+                              "to add gaq's files to it (only those are replaced)")
+    return path
+
+
+def _write_manifest(folder: str, kind: str, files: list[str], complete: bool) -> None:
+    from .. import __version__
+
+    write_json(os.path.join(folder, MANIFEST), dict(kind=kind, complete=complete, files=sorted(files), gaq=__version__))
+
+
+def _commit(tmp: str, target: str, kind: str) -> None:
+    files = sorted(os.listdir(tmp))
+    if any(os.path.isdir(os.path.join(tmp, f)) for f in files):
+        raise RuntimeError(f"output folders hold files only; got a folder in {files}")
+    if not os.path.lexists(target):
+        _write_manifest(tmp, kind, files, complete=True)
+        os.chmod(tmp, umask_mode(0o777))
+        os.replace(tmp, target)
+        return
+    clash = [f for f in files if os.path.isdir(os.path.join(target, f))]
+    if clash:
+        raise OutputError(f"{target}/{clash[0]} is a folder where gaq writes a file; name another output folder")
+    old = read_manifest(target)
+    old_files = [f for f in (old or {}).get("files", []) if isinstance(f, str) and os.sep not in f and f not in (MANIFEST, "..", ".")]
+    # while files move in, the manifest says "incomplete": readers refuse the folder, a rerun may replace it
+    _write_manifest(target, kind, sorted(set(files) | set(old_files)), complete=False)
+    for f in files:
+        os.replace(os.path.join(tmp, f), os.path.join(target, f))
+    for f in set(old_files) - set(files):
+        if os.path.isfile(os.path.join(target, f)):
+            os.remove(os.path.join(target, f))
+    _write_manifest(target, kind, files, complete=True)
+
+
+@contextlib.contextmanager
+def output_dir(path: str, kind: str, overwrite: bool = False, protect: Iterable[str] = ()) -> Iterator[str]:
+    """Yield a temporary folder to fill; on success its files replace gaq's files at ``path``.
+
+    On failure or interrupt nothing at ``path`` changes. The checks of :func:`check_output_dir` run
+    again here, so a folder that appeared while the work ran is not replaced either."""
+    target = check_output_dir(path, kind, overwrite, protect)
+    parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=parent)
+    clean_stale_tmp(parent)
+    tmp = tempfile.mkdtemp(prefix=tmp_prefix(os.path.basename(target)), dir=parent)
     try:
         yield tmp
-        os.chmod(tmp, _umask_mode(0o777))
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(path) + "-", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        check_output_dir(target, kind, overwrite, protect)
+        _commit(tmp, target, kind)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def add_to_output(folder: str, files: list[str]) -> None:
+    """Record files written later into a gaq output folder (e.g. ``gaq eval``'s) in its manifest."""
+    m = read_manifest(folder)
+    if m is not None:
+        _write_manifest(folder, m["kind"], sorted(set(m["files"]) | set(files)), complete=m.get("complete", True))
+
+
+def check_output_file(path: str, overwrite: bool = False, owned: Callable[[str], bool] | None = None, flag: str = "--out") -> str:
+    """Raise :class:`OutputError` unless gaq may write the file ``path``; returns it absolute."""
+    if not path or not str(path).strip():
+        raise OutputError(f"{flag} is empty; name a file")
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        raise OutputError(f"{flag} {path} is a folder; expected a file path")
+    _check_parent(path, flag)
+    if os.path.lexists(path) and not overwrite and not (owned and owned(path)):
+        raise OutputError(f"{flag} {path} exists and was not written by gaq; choose another path, or pass --overwrite to replace it")
+    return path
+
+
 def write_json(path: str, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
 

@@ -47,6 +47,24 @@ def is_kept(name: str, patterns: list[str]) -> bool:
     return False
 
 
+def check_keep_fp(unet: nn.Module, patterns: list[str]) -> None:
+    """Every ``keep_fp`` entry must match a module: a typo would silently quantize the layer it meant to keep.
+    (The default list, ModelOpt's, names layers that not every UNet has, so it is exempt.)"""
+    import difflib
+
+    from ..config import DEFAULT_KEEP_FP
+
+    names = [n for n, _ in unet.named_modules() if n]
+    for pat in patterns:
+        if pat in DEFAULT_KEEP_FP:
+            continue
+        if not any(is_kept(n, [pat]) for n in names):
+            words = sorted({p for n in names for p in n.split(".") if not p.isdigit()} | set(names))
+            close = difflib.get_close_matches(pat, words, n=3, cutoff=0.5)
+            hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(names[:3])}"
+            raise UnsupportedLayerError(f"quantization.keep_fp entry {pat!r} matches no layer of this model ({hint})")
+
+
 def _skip_splits(unet: nn.Module) -> dict[str, int]:
     """Split points of the up-path ResNet convs that read ``cat([h, skip])``: the channel count of ``h``."""
     splits: dict[str, int] = {}
@@ -75,6 +93,7 @@ def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_s
     :class:`QuantAttnProcessor`. Raises :class:`UnsupportedLayerError` on a parametrised layer it cannot handle."""
     from diffusers.models.attention_processor import Attention
 
+    check_keep_fp(unet, keep_fp)
     report = WrapReport()
     splits = _skip_splits(unet) if split_skip else {}
     replacements: list[tuple[nn.Module, str, nn.Module]] = []

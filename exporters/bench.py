@@ -21,7 +21,7 @@ from tqdm import tqdm
 from gaq_backend import __version__
 from gaq_backend.utils.cache import prepare_cache_dir
 
-from .onnx_export import export_fp, export_quantized, file_mb, is_gaq_onnx
+from .onnx_export import check_onnx_out, export_fp, export_quantized, file_mb
 from .ort_runtime import PROVIDERS, ProviderUnavailable, create_session
 
 
@@ -52,9 +52,7 @@ def _quantize_static(fp32: str, out: str, x: np.ndarray, t: np.ndarray) -> None:
 
 def _work_file(work_dir: str, name: str) -> str:
     """A variant's path in the work folder; a file of that name that gaq did not write is refused, not replaced."""
-    from gaq_backend.utils.io import check_output_file
-
-    return check_output_file(os.path.join(work_dir, name), False, is_gaq_onnx, flag="--work-dir file")
+    return check_onnx_out(os.path.join(work_dir, name), False, flag="--work-dir file")
 
 
 def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bool) -> tuple[list[dict], list[dict]]:
@@ -69,8 +67,13 @@ def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bo
     variants: list[dict] = []
     refused: list[dict] = []
     bases: set[str] = set()
-    for d in dirs:
-        sched, recipe = read_output_configs(d)
+    folders = [(d, *read_output_configs(d)) for d in dirs]  # every folder and work file checked before any work
+    for d, _, recipe in folders:
+        tag = os.path.basename(os.path.normpath(resolve_model_path(recipe.model)))
+        for name in (f"{tag}-fp32.onnx", f"{tag}-fp16.onnx", f"{tag}-quantize_static-w8a8.onnx",
+                     f"{os.path.basename(os.path.normpath(d))}-int8.onnx", f"{os.path.basename(os.path.normpath(d))}-int4.onnx"):
+            _work_file(work_dir, name)
+    for d, sched, recipe in folders:
         base = resolve_model_path(recipe.model)
         if base not in bases:
             bases.add(base)

@@ -23,7 +23,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from gaq_backend.utils.io import tmp_prefix, umask_mode, clean_stale_tmp
+from gaq_backend.utils.io import check_output_file, clean_stale_tmp, tmp_prefix, umask_mode
 
 from .qdq_forms import export_forms
 
@@ -192,11 +192,11 @@ def _set_metadata(model: onnx.ModelProto, meta: dict[str, Any]) -> None:
 
 
 def save_model_atomic(model: onnx.ModelProto, out: str, external_data: bool | None = None,
-                      check: Callable[[str], Any] | None = None) -> Any:
+                      check: Callable[[str], Any] | None = None, overwrite: bool = False) -> Any:
     """Write ``out`` (and ``out.data`` for external data) under a temporary folder, run ``check`` on the
     written file, and only then move it into place: a failed check or an interrupt leaves no file that
     looks complete, and an earlier ``out`` untouched. Returns what ``check`` returned."""
-    out = os.path.abspath(out)
+    out = check_onnx_out(out, overwrite)
     if external_data is None:
         external_data = model.ByteSize() > EXTERNAL_DATA_BYTES
     parent = os.path.dirname(out)
@@ -212,7 +212,7 @@ def save_model_atomic(model: onnx.ModelProto, out: str, external_data: bool | No
             os.chmod(os.path.join(tmp, f), umask_mode(0o666))  # onnx writes external data as 0600
         if external_data:
             os.replace(os.path.join(tmp, data_name), os.path.join(parent, data_name))
-        elif os.path.exists(os.path.join(parent, data_name)):
+        elif os.path.exists(os.path.join(parent, data_name)) and owns_external_data(out):
             os.remove(os.path.join(parent, data_name))  # stale data of an earlier external-data export
         os.replace(os.path.join(tmp, name), out)
         return result
@@ -220,13 +220,32 @@ def save_model_atomic(model: onnx.ModelProto, out: str, external_data: bool | No
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _load_header(path: str) -> onnx.ModelProto | None:
+    try:
+        return onnx.load(path, load_external_data=False)
+    except Exception:  # not ONNX at all
+        return None
+
+
 def is_gaq_onnx(path: str) -> bool:
     """Whether ``path`` is an ONNX file gaq wrote (its metadata names gaq), so a new export may replace it."""
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception:  # not ONNX at all
-        return False
-    return any(p.key == "gaq.version" for p in model.metadata_props)
+    model = _load_header(path)
+    return model is not None and any(p.key == "gaq.version" for p in model.metadata_props)
+
+
+def owns_external_data(path: str) -> bool:
+    """Whether ``path + ".data"`` is the external data of the gaq ONNX file at ``path``."""
+    model = _load_header(path) if is_gaq_onnx(path) else None
+    name = os.path.basename(path) + ".data"
+    return model is not None and any(e.key == "location" and e.value == name
+                                     for t in model.graph.initializer for e in t.external_data)
+
+
+def check_onnx_out(out: str, overwrite: bool = False, flag: str = "--out") -> str:
+    """The export target and its ``.data`` file may be replaced only if gaq wrote them (or with ``overwrite``)."""
+    check_output_file(out, overwrite, is_gaq_onnx, flag=flag)
+    check_output_file(out + ".data", overwrite, lambda p: owns_external_data(out), flag=f"{flag} (its .data file)")
+    return os.path.abspath(out)
 
 
 def file_mb(path: str) -> float:
@@ -243,6 +262,10 @@ def build_quantized_onnx(unet: nn.Module, weights: str, opset: int, metadata: di
         raise ValueError(f"opset {opset} is too old: per-channel DequantizeLinear needs opset {MIN_OPSET} or newer")
     if weights == "int4" and opset < INT4_MIN_OPSET:
         raise ValueError(f"--weights int4 needs opset {INT4_MIN_OPSET} or newer (INT4 tensors); got opset {opset}")
+    if getattr(unet.config, "cross_attention_dim", None) or getattr(unet.config, "num_class_embeds", None) \
+            or getattr(unet.config, "class_embed_type", None):
+        raise ValueError(f"export of conditional UNets ({type(unet).__name__} with conditioning inputs) is not supported yet: "
+                         "only (sample, timestep) graphs are exported")
     with export_forms(unet):
         model = trace_to_onnx(unet, opset)
     if weights == "int4":
@@ -252,12 +275,13 @@ def build_quantized_onnx(unet: nn.Module, weights: str, opset: int, metadata: di
 
 
 def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 21, check_samples: int = 64,
-                     external_data: bool | None = None, progress: bool = True) -> ExportResult:
+                     external_data: bool | None = None, progress: bool = True, overwrite: bool = False) -> ExportResult:
     """Export a ``gaq quantize`` output directory to ``out``; validate before writing; return what was done."""
     from gaq_backend import __version__, load_quantized
 
-    from .validate import parity_inputs, validate
+    from .validate import held_out_inputs, parity_inputs, validate
 
+    check_onnx_out(out, overwrite)
     unet, sched_cfg, recipe = load_quantized(folder)
     qcfg = recipe.quant_config()
     with open(os.path.join(folder, "recipe.yaml")) as f:
@@ -269,8 +293,8 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
     if weights == "int4" and qcfg.w_bits > 4:
         raise ValueError(f"--weights int4 cannot hold W{qcfg.w_bits} weights; use --weights int8")
     model = build_quantized_onnx(unet, weights, opset, meta)
-    x, t = parity_inputs(recipe, sched_cfg, check_samples, progress)
-    parity = save_model_atomic(model, out, external_data, check=lambda path: validate(path, unet, x, t))
+    x, t = held_out_inputs(unet, check_samples) or parity_inputs(recipe, sched_cfg, check_samples, progress)
+    parity = save_model_atomic(model, out, external_data, check=lambda path: validate(path, unet, x, t), overwrite=overwrite)
     ops = Counter(n.op_type for n in model.graph.node)
     return ExportResult(out, weights, opset, ops["QuantizeLinear"], ops["DequantizeLinear"], file_mb(out), parity)
 

@@ -34,8 +34,18 @@ class ParityError(ValueError):
     pass
 
 
+def held_out_inputs(unet: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``n`` of the held-out recorded inputs saved with the quantized folder (None for folders without them)."""
+    held = getattr(getattr(unet, "gaq_info", None), "held_out", None)
+    if held is None or not len(held):
+        return None
+    idx = torch.linspace(0, len(held) - 1, min(n, len(held))).round().long()
+    return held.x[idx], held.t[idx]
+
+
 def parity_inputs(recipe, scheduler_config: dict, n: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` held-out calibration inputs ``(x_t, t)`` spread evenly over the validation split (all timestep groups)."""
+    """``n`` held-out calibration inputs ``(x_t, t)`` spread evenly over the validation split (all timestep
+    groups), captured again with the recipe (for folders written before held-out inputs were saved)."""
     from gaq_backend.calibration import capture_calibration
     from gaq_backend.models import load_unet
     from gaq_backend.pipeline import resolve_model_path

@@ -17,7 +17,9 @@ _LAZY = {
     "CalibrationConfig": "config", "ConfigError": "config", "QuantConfig": "config", "SamplerConfig": "config",
     "preset": "config", "MinMaxConfig": "algorithms", "available_algorithms": "algorithms",
     "register_algorithm": "algorithms", "quantize": "api", "CalibrationSet": "calibration",
-    "capture_calibration": "calibration", "load_quantized": "serialization",
+    "capture_calibration": "calibration", "load_quantized": "serialization", "save_quantized": "serialization",
+    "UniformConfig": "algorithms.uniform", "TemporalConfig": "algorithms.temporal",
+    "GradientAlignedConfig": "algorithms.gradient_aligned", "GAQConfig": "torchao_config", "unet_root": "torchao_config",
 }
 __all__ = list(_LAZY)
 

@@ -1,15 +1,28 @@
-"""The one entry point: ``quantize(model, config, calibration)``."""
+"""The one entry point, ``quantize(model, config, ...)``, and its three front doors:
+
+- ModelOpt style: ``quantize(unet, config, forward_loop=fn)``, where ``fn(unet)`` runs the user's own
+  pipeline or sampling loop;
+- NNCF style: ``quantize(unet, config, calibration=nncf.Dataset(items, transform_fn))`` (or any iterable
+  of forward-keyword dicts), each item being the UNet's forward inputs;
+- torchao style: ``quantize_(unet, GAQConfig(config, step="prepare"))``, the user's passes, then
+  ``step="convert"`` (:mod:`gaq_backend.torchao_config`).
+
+All three record the UNet's inputs with the same :class:`~gaq_backend.calibration.recorder.Recorder`,
+so the same recorded calls give the same model. A ready :class:`CalibrationSet` is accepted as well.
+"""
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
+import torch
 from torch import nn
 
 from .algorithms import get_algorithm
 from .algorithms.common import freeze_weights
 from .calibration import CalibrationSet
+from .calibration.recorder import Recorder, calibration_from_tensors
 from .config import ConfigError, QuantConfig
 from .wrapping import WrapReport, wrap_unet
 
@@ -20,6 +33,7 @@ class QuantizationInfo:
     config: QuantConfig
     wrap: WrapReport
     stats: dict[str, Any] = field(default_factory=dict)
+    held_out: CalibrationSet | None = None   # a few validation inputs, saved for the export parity check
 
 
 def wrap_for_config(model: nn.Module, config: QuantConfig) -> WrapReport:
@@ -27,17 +41,75 @@ def wrap_for_config(model: nn.Module, config: QuantConfig) -> WrapReport:
                      config.quantize_attention_matmuls, config.split_skip)
 
 
-def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet, progress: bool = True) -> nn.Module:
-    """Quantize a diffusers UNet in place with ``config.algorithm`` on ``calibration``; returns the model.
+def new_recorder(model: nn.Module, config: QuantConfig) -> Recorder:
+    return Recorder(model, max_per_step=config.calibration.max_per_step, seed=config.calibration.seed)
 
-    The result is a fake-quant model whose integer weights are fixed (``layer.weight_int``) and whose
-    activation ranges are calibrated; ``model.gaq_info`` records what was wrapped and kept.
+
+def finish_recording(recorder: Recorder, config: QuantConfig) -> CalibrationSet:
+    c = config.calibration
+    return calibration_from_tensors(recorder.tensors(c.max_samples), c.val_fraction, c.n_groups, c.seed)
+
+
+def record(model: nn.Module, config: QuantConfig, forward_loop: Callable[[nn.Module], Any] | None = None,
+           inputs: Iterable[dict] | None = None) -> CalibrationSet:
+    """Calibration data from the user's loop (``forward_loop(model)``) or from forward-keyword dicts."""
+    recorder = new_recorder(model, config)
+    was_training = model.training
+    model.eval()
+    with recorder, torch.no_grad():
+        if forward_loop is not None:
+            forward_loop(model)
+        else:
+            items = inputs.get_inference_data() if hasattr(inputs, "get_inference_data") else inputs  # nncf.Dataset
+            for i, item in enumerate(items):
+                if not isinstance(item, dict):
+                    raise ConfigError(f"calibration item {i} is a {type(item).__name__}; each item (after nncf's transform_fn) "
+                                      "must be a dict of the UNet's forward inputs (sample, timestep, ...)")
+                model(**item)
+    model.train(was_training)
+    return finish_recording(recorder, config)
+
+
+def check_quantizable(model: nn.Module) -> None:
+    """Refuse, in one line, UNets whose quantization would silently be wrong."""
+    from .wrapping import QuantLayerMixin
+
+    if type(model).__name__ == "OptimizedModule":
+        raise ConfigError("this UNet is torch.compile'd: quantize the original module (model._orig_mod), then compile the result")
+    if hasattr(model, "gaq_info") or any(isinstance(m, QuantLayerMixin) for m in model.modules()):
+        raise ConfigError("this UNet is already quantized by gaq; load the FP model again")
+    for name, m in model.named_modules():
+        if hasattr(m, "to_qkv") or hasattr(m, "to_kv") or getattr(m, "fused_projections", False):
+            raise ConfigError(f"fused QKV projections at {name}: call unet.unfuse_qkv_projections() before quantizing")
+        lora = getattr(m, "lora_A", None)
+        if (isinstance(lora, nn.ModuleDict) and len(lora)) or getattr(m, "lora_layer", None) is not None:
+            raise ConfigError(f"LoRA layer at {name}: fuse the LoRA weights first (pipe.fuse_lora(); pipe.unload_lora_weights())")
+
+
+def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet | Iterable[dict] | None = None,
+             progress: bool = True, *, forward_loop: Callable[[nn.Module], Any] | None = None) -> nn.Module:
+    """Quantize a diffusers UNet in place with ``config.algorithm``; returns the model.
+
+    Calibration data comes from ``forward_loop(model)`` (the user's own sampling code), from
+    ``calibration`` as a :class:`CalibrationSet`, an ``nncf.Dataset`` or an iterable of forward-keyword
+    dicts. The result is a fake-quant model whose integer weights are fixed (``layer.weight_int``) and
+    whose activation ranges are calibrated; ``model.gaq_info`` records what was wrapped and kept.
     """
     if config.algorithm is None:
         raise ConfigError("QuantConfig.algorithm is not set (e.g. QuantConfig(algorithm=MinMaxConfig()))")
     spec = get_algorithm(config.algorithm.name)
     if not isinstance(config.algorithm, spec.config_cls):
         raise ConfigError(f"algorithm {spec.name!r} needs a {spec.config_cls.__name__}, got {type(config.algorithm).__name__}")
+    if (forward_loop is None) == (calibration is None):
+        raise ConfigError("give exactly one of calibration= (CalibrationSet, nncf.Dataset or iterable of input dicts) and forward_loop=")
+    check_quantizable(model)
+    if not isinstance(calibration, CalibrationSet):
+        calibration = record(model, config, forward_loop, calibration)
+    return quantize_recorded(model, config, calibration, progress)
+
+
+def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: CalibrationSet, progress: bool = True) -> nn.Module:
+    spec = get_algorithm(config.algorithm.name)
     calibration.check_finite()
     if len(calibration.train) == 0:
         raise ValueError("calibration set has no training samples")
@@ -47,5 +119,6 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet,
     model.requires_grad_(False)
     stats = spec.run(model, config, calibration, fp_model=fp_model, progress=progress)
     freeze_weights(model)
-    model.gaq_info = QuantizationInfo(config, report, stats or {})
+    val = calibration.val
+    model.gaq_info = QuantizationInfo(config, report, stats or {}, val.subset(torch.arange(min(len(val), 64))))
     return model

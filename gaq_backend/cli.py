@@ -6,7 +6,11 @@ import math
 import os
 import sys
 
-from .config import INT_MAX, SEED_MAX
+from .config import INT_MAX, SEED_MAX, ConfigError
+from .utils.io import OutputError
+
+# errors that describe bad input in words meant for the user (plain ValueErrors are gaq's own input checks too)
+INPUT_ERRORS = (ConfigError, OutputError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -44,14 +48,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from exporters.onnx_export import export_quantized, is_gaq_onnx
+    from exporters.onnx_export import export_quantized
 
-    from .utils.io import check_output_file
-
-    check_output_file(args.out, args.overwrite, is_gaq_onnx)
-    check_output_file(args.out + ".data", args.overwrite, lambda p: is_gaq_onnx(args.out), flag="--out (its .data file)")
     res = export_quantized(args.dir, args.out, args.weights, args.opset, args.check_samples,
-                           True if args.external_data else None, progress=not args.quiet)
+                           True if args.external_data else None, progress=not args.quiet, overwrite=args.overwrite)
     p = res.parity
     print(f"{res.weights} weights, opset {res.opset}: {res.n_quantize} QuantizeLinear / {res.n_dequantize} DequantizeLinear, "
           f"{res.file_mb:.2f} MB")
@@ -122,7 +122,7 @@ def _load_noise(path: str):
 
     try:
         noise = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"--noise {path}: not a readable .npy file ({' '.join(str(e).split())[:120]})") from None
     if noise.ndim != 4 or not np.issubdtype(noise.dtype, np.floating) or not np.isfinite(noise).all():
         raise ValueError(f"--noise {path}: expected finite float noise of shape (N, C, H, W); got {noise.dtype} {noise.shape}")
@@ -263,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gaq: interrupted; no output was written", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as e:  # ConfigError, OutputError, UnsupportedLayerError are ValueErrors
+    except (ValueError, OSError, RuntimeError) as e:
         if args.debug:
             raise
-        print(f"gaq: error: {_one_line(e)}", file=sys.stderr)
+        # gaq's own input errors name what to change; anything else from these classes may be a bug
+        hint = "" if isinstance(e, INPUT_ERRORS) or type(e) is ValueError else " (run with --debug for the traceback)"
+        print(f"gaq: error: {_one_line(e)}{hint}", file=sys.stderr)
         return 2
     except Exception as e:  # a bug in gaq: still one line, and the way to see more
         if args.debug:

@@ -29,7 +29,7 @@ class Range:
     lo_open: bool = False
     hi_open: bool = False
 
-    def contains(self, v: float) -> bool:
+    def contains(self, v: float) -> bool:  # ints compare exactly, however large
         if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
             return False
         return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
@@ -77,7 +77,7 @@ class GaqBaseConfig:
                 continue
             rng = f.metadata.get("range") or Range()
             integer = f.type in ("int", int)
-            if not math.isfinite(v) or not rng.contains(v):
+            if (isinstance(v, float) and not math.isfinite(v)) or not rng.contains(v):
                 raise ConfigError(f"{prefix}{f.name} must be {rng.describe(integer)}; got {v!r}")
             if integer and rng.hi is None and v > INT_MAX:
                 raise ConfigError(f"{prefix}{f.name} must be at most {INT_MAX}; got {v!r}")
@@ -116,6 +116,9 @@ class CalibrationConfig(GaqBaseConfig):
     seed: int = field(default=0, metadata=SEED)
     batch_size: int = field(default=256, metadata=at_least(1))  # sampler batch during capture
     cache_dir: str = ".cache/gaq"
+    # recording from the user's own loop (quantize(forward_loop=...), GAQConfig, nncf.Dataset):
+    max_per_step: int = field(default=256, metadata=at_least(2))  # rows kept per distinct timestep (seeded reservoir)
+    max_samples: int = field(default=4096, metadata=at_least(2))  # total rows kept, spread evenly over the timesteps
 
     def n_val(self) -> int:
         """Validation samples held out of each recorded step."""
@@ -150,6 +153,7 @@ class QuantConfig(GaqBaseConfig):
     split_skip: bool = True
     keep_fp: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_FP))
     algorithm: AlgorithmConfig | None = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # recording budget, split and groups
 
     def check(self, where: str = "quantization") -> None:
         _bits(self.w_bits, f"{where}.w_bits", allow_32=False)

@@ -16,13 +16,16 @@ from .config import ConfigError
 from .evaluation import noise_mse, save_grid, side_by_side, to_uint8
 from .evaluation.images import grid
 from .models.embedded import EMBEDDED_MODEL_DIR, load_unet
-from .recipe import Recipe, dump_recipe
+from .recipe import Recipe
 from .sampling import ddim_sample, initial_noise
-from .serialization import save_quantized
+from .serialization import FOLDER_FILES, save_quantized
 from .utils.cache import prepare_cache_dir
 from .utils.io import check_output_dir, output_dir, write_json
 from .utils.memory import check_fits
 from .wrapping.wrap import check_keep_fp
+
+
+OUTPUT_FILES = (*FOLDER_FILES, "samples.png", "report.json")  # plus an algorithm's artifacts
 
 
 def resolve_model_path(model: str) -> str:
@@ -78,8 +81,9 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     protect = output_protect(recipe, recipe_path)
-    check_output_dir(out_dir, "quantized", overwrite, protect)
-    prepare_cache_dir(recipe.calibration.cache_dir, "calibration.cache_dir")
+    check_output_dir(out_dir, "quantized", overwrite, protect, files=OUTPUT_FILES)
+    if not dry_run:
+        prepare_cache_dir(recipe.calibration.cache_dir, "calibration.cache_dir")
     unet, sched_cfg = load_model_and_scheduler(recipe.model)
     preflight(recipe, unet, sched_cfg)
     if dry_run:
@@ -119,9 +123,8 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
         algorithm_stats=unet.gaq_info.stats,
         environment=dict(gaq=__version__, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine()),
     )
-    with output_dir(out_dir, "quantized", overwrite, protect) as tmp:
-        save_quantized(unet, tmp, sched_cfg)
-        dump_recipe(recipe, os.path.join(tmp, "recipe.yaml"))
+    with output_dir(out_dir, "quantized", overwrite, protect, files=OUTPUT_FILES) as tmp:
+        save_quantized(unet, tmp, sched_cfg, recipe)
         for name, write in artifacts.items():
             write(os.path.join(tmp, name))
         n = min(rep.grid, rep.num_samples)

@@ -43,24 +43,26 @@ class Recipe:
         if self.name and (self.name in (".", "..") or any(sep in self.name for sep in ("/", "\\", os.sep))):
             raise ConfigError(f"name must be a plain name without path separators (it names the default output folder); got {self.name!r}")
         recorded = len(range(0, self.sampler.num_inference_steps, self.calibration.interval))
-        if self.calibration.n_groups > recorded:
+        if self.model != USER_MODEL and self.calibration.n_groups > recorded:
             raise ConfigError(f"calibration.n_groups={self.calibration.n_groups} exceeds the {recorded} recorded steps "
                               f"({self.sampler.num_inference_steps} sampler steps, one in {self.calibration.interval}); "
                               "lower calibration.n_groups or calibration.interval")
 
     def quant_config(self) -> QuantConfig:
-        return dataclasses.replace(self.quantization, algorithm=self.settings)
+        return dataclasses.replace(self.quantization, algorithm=self.settings, calibration=self.calibration)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(name=self.name, model=self.model, algorithm=self.algorithm, sampler=self.sampler.to_dict(),
                  calibration=self.calibration.to_dict(), report=self.report.to_dict())
         q = self.quantization.to_dict()
         q.pop("algorithm", None)
+        q.pop("calibration", None)
         d["quantization"] = q
         d["settings"] = self.settings.to_dict() if self.settings is not None else {}
         return d
 
 
+USER_MODEL = "user"  # the model of a recipe written by save_quantized for a Python API call: no path, no capture
 MAX_DEPTH = 8   # recipes are three levels deep; this refuses runaway nesting long before Python's recursion limit
 
 
@@ -133,8 +135,9 @@ def recipe_from_dict(data: Any) -> Recipe:
         raise ConfigError(f"algorithm must be a name (available: {', '.join(available_algorithms())}); got {data['algorithm']!r}")
     spec = get_algorithm(data["algorithm"])
     settings = from_dict(spec.config_cls, data.pop("settings", None) or {}, "settings")
-    if isinstance(data.get("quantization"), dict) and "algorithm" in data["quantization"]:
-        raise ConfigError("unknown key 'quantization.algorithm' (the algorithm is the top-level key 'algorithm')")
+    for key, home in (("algorithm", "the top-level key 'algorithm'"), ("calibration", "the section 'calibration'")):
+        if isinstance(data.get("quantization"), dict) and key in data["quantization"]:
+            raise ConfigError(f"unknown key 'quantization.{key}' (it is {home})")
     recipe = from_dict(Recipe, data, "", skip=("settings",))
     recipe.settings = settings
     recipe.check()

@@ -20,8 +20,16 @@ def make_scheduler(scheduler_config: dict, sampler: SamplerConfig):
 
 
 def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Noise prediction of a diffusers UNet for a batch of inputs with one timestep each."""
-    return unet(x, t, **(cond or {})).sample
+    """Noise prediction of a diffusers UNet for a batch of inputs with one timestep each. ``cond`` holds
+    the other forward inputs by name, nested ones (``added_cond_kwargs``) as ``"added_cond_kwargs.text_embeds"``."""
+    kwargs: dict = {}
+    for k, v in (cond or {}).items():
+        head, _, tail = k.partition(".")
+        if tail:
+            kwargs.setdefault(head, {})[tail] = v
+        else:
+            kwargs[k] = v
+    return unet(x, t, **kwargs).sample
 
 
 def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -1,11 +1,15 @@
 """Save a quantized UNet as a self-contained folder and load it back as a fake-quant torch model.
 
-Folder layout: ``quantized_unet.safetensors`` (integer weights as int8, scales, zero-points,
-activation ranges, and the float weights of layers kept in full precision), ``unet_config.json``,
-``scheduler_config.json`` and ``recipe.yaml`` (which names the quantization settings).
+Folder layout (one contract: what ``save_quantized`` writes, ``load_quantized`` reads, and export needs
+nothing else): ``quantized_unet.safetensors`` (integer weights as int8, scales, zero-points, activation
+ranges, and the float weights of layers kept in full precision), ``unet_config.json`` (the diffusers
+config with ``_class_name``), ``scheduler_config.json``, ``recipe.yaml`` (the quantization settings),
+``inputs.json`` (the recorded forward-input signature) and ``held_out_inputs.safetensors`` (up to 64
+held-out recorded inputs with the FP outputs, for the export parity check).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -20,6 +24,10 @@ from .wrapping import quant_layers
 WEIGHTS_FILE = "quantized_unet.safetensors"
 UNET_CONFIG_FILE = "unet_config.json"
 SCHEDULER_FILE = "scheduler_config.json"
+SIGNATURE_FILE = "inputs.json"
+HELD_OUT_FILE = "held_out_inputs.safetensors"
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+FOLDER_FILES = (WEIGHTS_FILE, UNET_CONFIG_FILE, SCHEDULER_FILE, "recipe.yaml", SIGNATURE_FILE, HELD_OUT_FILE)
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -32,12 +40,55 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_quantized(model: nn.Module, folder: str, scheduler_config: dict) -> None:
+def save_quantized(model: nn.Module, folder: str, scheduler_config: dict | None = None, recipe=None) -> None:
+    """Write the quantized ``model`` (from :func:`gaq_backend.quantize`) into the existing ``folder``.
+
+    ``recipe`` defaults to one built from ``model.gaq_info.config`` (``model: user``, as the base model
+    of an API call is not a path gaq knows)."""
+    from .recipe import USER_MODEL, Recipe, dump_recipe
+
+    info = getattr(model, "gaq_info", None)
+    if info is None:
+        raise ValueError("save_quantized needs a model quantized by gaq_backend.quantize (it has no gaq_info)")
+    if type(model).__name__ not in UNET_CLASSES:
+        raise ValueError(f"save_quantized supports {', '.join(UNET_CLASSES)}; got {type(model).__name__}")
     save_file(quantized_state_dict(model), os.path.join(folder, WEIGHTS_FILE), metadata={"format": "gaq-fakequant-1"})
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     with open(os.path.join(folder, UNET_CONFIG_FILE), "w") as f:
-        json.dump(dict(model.config), f, indent=2, default=list)
+        json.dump({"_class_name": type(model).__name__, **config}, f, indent=2, default=list)
     with open(os.path.join(folder, SCHEDULER_FILE), "w") as f:
-        json.dump(dict(scheduler_config), f, indent=2, default=list)
+        json.dump(dict(scheduler_config or {}), f, indent=2, default=list)
+    if recipe is None:
+        cfg = info.config
+        recipe = Recipe(model=USER_MODEL, algorithm=cfg.algorithm.name, calibration=cfg.calibration, settings=cfg.algorithm,
+                        quantization=dataclasses.replace(cfg, algorithm=None), name="user")
+    dump_recipe(recipe, os.path.join(folder, "recipe.yaml"))
+    if info.held_out is not None and len(info.held_out):
+        held = info.held_out
+        tensors = {"x": held.x, "t": held.t, "eps": held.eps, **{f"cond.{k}": v for k, v in held.cond.items()}}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(folder, HELD_OUT_FILE))
+        signature = {"sample": _spec(held.x), "timestep": _spec(held.t), **{k: _spec(v) for k, v in held.cond.items()}}
+        with open(os.path.join(folder, SIGNATURE_FILE), "w") as f:
+            json.dump(signature, f, indent=2)
+
+
+def _spec(v: torch.Tensor) -> dict:
+    """A recorded input per row: dtype and shape without the batch axis."""
+    return {"dtype": str(v.dtype).replace("torch.", ""), "shape": list(v.shape[1:])}
+
+
+def load_held_out(folder: str):
+    """The held-out recorded inputs saved with a quantized folder, as a CalibrationSet (None if absent)."""
+    from .calibration import CalibrationSet
+
+    path = os.path.join(folder, HELD_OUT_FILE)
+    if not os.path.isfile(path):
+        return None
+    d = _read_weights(path)
+    n = d["x"].shape[0]
+    zeros = torch.zeros(n, dtype=torch.long)
+    cond = {k[len("cond."):]: v for k, v in d.items() if k.startswith("cond.")}
+    return CalibrationSet(d["x"], d["t"], d["eps"], zeros, torch.ones(n, dtype=torch.bool), zeros, cond)
 
 
 def _prepare_timestep_tables(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -100,18 +151,22 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
 
 def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
     """Returns (fake-quant UNet, scheduler config, recipe) from a folder written by ``gaq quantize``."""
-    from diffusers import UNet2DModel
+    import diffusers
 
-    from .api import wrap_for_config
+    from .api import QuantizationInfo, wrap_for_config
 
     sched_cfg, recipe = read_output_configs(folder)
-    unet_cfg = {k: v for k, v in _read_json(os.path.join(folder, UNET_CONFIG_FILE)).items() if not k.startswith("_")}
+    raw_cfg = _read_json(os.path.join(folder, UNET_CONFIG_FILE))
+    cls_name = raw_cfg.get("_class_name", "UNet2DModel")  # folders written before the class was recorded
+    if cls_name not in UNET_CLASSES:
+        raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: UNet class {cls_name!r} is not one gaq loads ({', '.join(UNET_CLASSES)})")
+    unet_cfg = {k: v for k, v in raw_cfg.items() if not k.startswith("_")}
     try:
-        model = UNet2DModel.from_config(unet_cfg)
+        model = getattr(diffusers, cls_name).from_config(unet_cfg)
     except Exception as e:  # diffusers raises TypeError / ValueError / KeyError for a config it cannot build
-        raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: not a UNet2DModel config ({' '.join(str(e).split())[:160]})") from None
+        raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: not a {cls_name} config ({' '.join(str(e).split())[:160]})") from None
     qcfg: QuantConfig = recipe.quant_config()
-    wrap_for_config(model, qcfg)
+    wrap_report = wrap_for_config(model, qcfg)
     state = _read_weights(os.path.join(folder, WEIGHTS_FILE))
     _prepare_timestep_tables(model, state)
     for name, layer in quant_layers(model):
@@ -133,4 +188,5 @@ def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
             if layer.weight_int is not None:
                 layer.weight.data.copy_(layer.quantized_weight())
     model.eval().requires_grad_(False)
+    model.gaq_info = QuantizationInfo(qcfg, wrap_report, {}, load_held_out(folder))
     return model, sched_cfg, recipe

@@ -19,7 +19,7 @@ def test_quantize_end_to_end_writes_a_reloadable_folder(write_recipe, tmp_path):
     recipe = write_recipe()
     out = tmp_path / "out"
     assert main(["quantize", recipe, "--out", str(out), "--quiet"]) == 0
-    assert sorted(os.listdir(out)) == ["gaq-manifest.json", "quantized_unet.safetensors", "recipe.yaml", "report.json", "samples.png",
+    assert sorted(os.listdir(out)) == ["gaq-manifest.json", "held_out_inputs.safetensors", "inputs.json", "quantized_unet.safetensors", "recipe.yaml", "report.json", "samples.png",
                                       "scheduler_config.json", "unet_config.json"]
     rep = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(rep) and rep["algorithm"] == "minmax" and (rep["w_bits"], rep["a_bits"]) == (4, 8)

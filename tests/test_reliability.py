@@ -13,7 +13,7 @@ from gaq_backend.cli import main
 
 import fuzz
 
-QUANT_FILES = ["gaq-manifest.json", "quantized_unet.safetensors", "recipe.yaml", "report.json", "samples.png",
+QUANT_FILES = ["gaq-manifest.json", "held_out_inputs.safetensors", "inputs.json", "quantized_unet.safetensors", "recipe.yaml", "report.json", "samples.png",
                "scheduler_config.json", "unet_config.json"]
 
 
@@ -46,16 +46,23 @@ def quantized(tmp_path_factory, tiny_model_dir):
 # ---------------------------------------------------------------------------------------------
 # 1. --out never deletes what gaq did not write
 
-@pytest.mark.parametrize("target", [".", "..", "home", "model", "cache", "recipe_dir"])
-def test_out_refuses_protected_folders(quantized, tiny_model_dir, tmp_path, target, monkeypatch):
-    work = tmp_path / "work"
-    work.mkdir()
+@pytest.mark.parametrize("target,what", [(".", "the working directory"), ("..", "the working directory"),
+                                         ("home", "the home folder"), ("model", "an input of this run"),
+                                         ("cache", "an input of this run"), ("recipe_dir", "an input of this run")])
+def test_out_refuses_protected_folders(quantized, tiny_model_dir, tmp_path, target, what):
+    import shutil
+
+    work, home, recipes = tmp_path / "work", tmp_path / "home", tmp_path / "recipes"
+    for d in (work, home, recipes):
+        d.mkdir()
     (work / "keep.txt").write_text("mine")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    path = {".": ".", "..": "..", "home": str(tmp_path), "model": tiny_model_dir,
-            "cache": str(quantized["root"] / "cache"), "recipe_dir": str(quantized["root"])}[target]
-    proc = _gaq("quantize", quantized["recipe"], "--out", path, "--overwrite", "--quiet", cwd=work)
-    _one_error_line(proc, "which gaq never writes over")
+    recipe = recipes / "r.yaml"  # the recipe's folder holds neither the cache nor the model
+    shutil.copy(quantized["recipe"], recipe)
+    path = {".": ".", "..": "..", "home": str(home), "model": tiny_model_dir,
+            "cache": str(quantized["root"] / "cache"), "recipe_dir": str(recipes)}[target]
+    proc = subprocess.run([sys.executable, "-m", "gaq_backend.cli", "quantize", str(recipe), "--out", path, "--overwrite", "--quiet"],
+                          capture_output=True, text=True, cwd=work, timeout=300, env={**os.environ, "HOME": str(home)})
+    _one_error_line(proc, "which gaq never writes over", what)
     assert (work / "keep.txt").read_text() == "mine" and sorted(os.listdir(work)) == ["keep.txt"]
 
 
@@ -67,6 +74,9 @@ def test_out_refuses_a_foreign_folder_and_overwrite_keeps_its_files(quantized, t
     proc = _gaq("quantize", quantized["recipe"], "--out", str(user), "--quiet")
     _one_error_line(proc, str(user), "--overwrite")
     assert sorted(os.listdir(user)) == ["notes.txt", "sub"]
+    (user / "report.json").write_text("my report")  # same name as a gaq file: refused, even with --overwrite
+    _one_error_line(_gaq("quantize", quantized["recipe"], "--out", str(user), "--quiet", "--overwrite"), "report.json", "did not write")
+    (user / "report.json").unlink()
     assert main(["quantize", quantized["recipe"], "--out", str(user), "--quiet", "--overwrite"]) == 0
     assert sorted(os.listdir(user)) == sorted(QUANT_FILES + ["notes.txt", "sub"])
     assert (user / "notes.txt").read_text() == "mine" and (user / "sub" / "x").read_text() == "mine too"
@@ -105,16 +115,18 @@ def test_interrupted_replacement_is_refused_by_readers_and_replaced_by_a_rerun(q
     out = tmp_path / "o"
     assert main(["quantize", quantized["recipe"], "--out", str(out), "--quiet"]) == 0
     real_replace = os.replace
-    calls = []
+    old_report = (out / "report.json").read_bytes()
+    moved = []
 
     def dying_replace(src, dst):
-        calls.append(dst)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # killed while the files move in
+        if os.path.basename(dst) == "recipe.yaml" and os.path.dirname(dst) == str(out):
+            raise KeyboardInterrupt  # killed while the files move in (after those sorted before recipe.yaml)
+        moved.append(os.path.basename(dst))
         return real_replace(src, dst)
     monkeypatch.setattr(gio.os, "replace", dying_replace)
-    assert main(["quantize", quantized["recipe"], "--out", str(out), "--quiet"]) == 130
+    assert main(["quantize", quantized["recipe"], "--out", str(out), "--quiet", "--set", "report.seed=7"]) == 130
     monkeypatch.setattr(gio.os, "replace", real_replace)
+    assert "quantized_unet.safetensors" in moved and (out / "report.json").read_bytes() == old_report
     assert json.loads((out / "gaq-manifest.json").read_text())["complete"] is False
     with pytest.raises(ValueError, match="incomplete"):
         load_quantized(str(out))
@@ -157,17 +169,20 @@ def test_corrupt_calibration_cache_is_reported_removed_and_recomputed(quantized,
 
 def test_stale_temporaries_of_dead_runs_are_cleaned_live_ones_kept(tmp_path):
     from gaq_backend.utils.cache import prepare_cache_dir
+    from gaq_backend.utils.io import _host_tag
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    host = _host_tag()
     try:
-        (tmp_path / f".tmp-gaq-{dead.pid}-calib-x").write_text("partial")
-        (tmp_path / f".tmp-gaq-{dead.pid}-out-y").mkdir()
-        (tmp_path / f".tmp-gaq-{live.pid}-calib-z").write_text("being written")
-        (tmp_path / ".tmp-user-file").write_text("not gaq's")
+        (tmp_path / f".tmp-gaq-{host}.{dead.pid}-calib-x").write_text("partial")
+        (tmp_path / f".tmp-gaq-{host}.{dead.pid}-out-y").mkdir()
+        keep = [f".tmp-gaq-{host}.{live.pid}-calib-z", f".tmp-gaq-0other0.{dead.pid}-calib-w", ".tmp-user-file"]
+        for name in keep:  # a live writer's, another machine's (its pids mean nothing here), not gaq's
+            (tmp_path / name).write_text("keep")
         prepare_cache_dir(str(tmp_path))
-        assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-gaq-" + f"{live.pid}-calib-z", ".tmp-user-file"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
     finally:
         live.kill()
 

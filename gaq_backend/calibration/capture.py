@@ -11,6 +11,7 @@ import torch
 
 from ..config import CalibrationConfig, SamplerConfig
 from ..sampling import ddim_sample, initial_noise, make_scheduler
+from .recorder import Recorder, calibration_from_tensors
 from ..utils.cache import prepare_cache_dir, read_entry, write_entry
 
 CACHE_FORMAT = 3
@@ -124,23 +125,18 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
     if cached:
         raw = {k: torch.from_numpy(v) for k, v in entry.items()}
     else:
-        rec: dict[str, list[torch.Tensor]] = {"x": [], "t": [], "eps": [], "step": []}
-
-        def on_step(i: int, t: torch.Tensor, x: torch.Tensor, eps: torch.Tensor) -> None:
-            if i % cfg.interval == 0:
-                rec["x"].append(x.clone()); rec["t"].append(t.clone()); rec["eps"].append(eps.clone())
-                rec["step"].append(torch.full_like(t, i // cfg.interval))
-
+        sched = make_scheduler(scheduler_config, sampler)
+        recorded = {float(t) for t in sched.timesteps[::cfg.interval]}
+        recorder = Recorder(unet, max_per_step=cfg.n_per_step, seed=cfg.seed, keep=recorded.__contains__)
         was_training = unet.training
         unet.eval()
-        ddim_sample(unet, scheduler_config, sampler, initial_noise(cfg.n_per_step, shape, cfg.seed), cfg.batch_size,
-                    on_step, progress="capture" if progress else False, seed=cfg.seed)
+        with recorder:
+            ddim_sample(unet, scheduler_config, sampler, initial_noise(cfg.n_per_step, shape, cfg.seed), cfg.batch_size,
+                        progress="capture" if progress else False, seed=cfg.seed)
         unet.train(was_training)
-        raw = {k: torch.cat(v) for k, v in rec.items()}
-        raw["timesteps"] = make_scheduler(scheduler_config, sampler).timesteps.clone()
+        raw = recorder.tensors()
+        raw["timesteps"] = sched.timesteps.clone()  # every timestep the sampler visits, for per-timestep ranges
         check_finite(raw)  # a diverged model's data is refused, never cached
         write_entry(path, {k: v.numpy() for k, v in raw.items()})
-    is_val, group = split_and_group(raw["step"], raw["t"], cfg.val_fraction, cfg.n_groups, cfg.seed)
-    calib = CalibrationSet(raw["x"], raw["t"], raw["eps"], raw["step"], is_val, group, timesteps=raw["timesteps"])
-    calib.check_finite()
+    calib = calibration_from_tensors(raw, cfg.val_fraction, cfg.n_groups, cfg.seed)
     return calib, cached

@@ -36,8 +36,12 @@ def _ddpm():
     return DDPMScheduler(**SCHEDULER)
 
 
+MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json", "train_info.json")
+
+
 def train(cfg: TrainConfig, overwrite: bool = False) -> str:
-    check_output_dir(cfg.out, "model", overwrite)
+    cfg.out = os.path.normpath(cfg.out)  # "runs/m/" would put the checkpoint inside the output, at runs/m/.ckpt
+    check_output_dir(cfg.out, "model", overwrite, files=MODEL_FILES)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -88,7 +92,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> str:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             torch_save(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step, losses=losses), ckpt)
     bar.close()
-    with output_dir(cfg.out, "model", overwrite) as tmp:
+    with output_dir(cfg.out, "model", overwrite, files=MODEL_FILES) as tmp:
         ema.save_pretrained(tmp, safe_serialization=True)
         _ddpm().save_pretrained(tmp)
         write_json(os.path.join(tmp, "train_info.json"), dict(

@@ -66,6 +66,8 @@ def read_entry(path: str) -> dict[str, np.ndarray] | None:
             raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
         if meta.get("sha256") != _digest(arrays):
             raise ValueError("checksum mismatch")
+    except (MemoryError, PermissionError):
+        raise  # not the entry's fault: keep it
     except Exception as e:  # safetensors raises its own error type for truncated or garbage files
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         print(f"gaq: warning: cache entry {path} is unreadable ({reason}); removing it and recomputing", file=sys.stderr)

@@ -34,8 +34,17 @@ def umask_mode(base: int) -> int:
     return base & ~mask
 
 
+def _host_tag() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def tmp_prefix(name: str) -> str:
-    return f"{TMP_PREFIX}{os.getpid()}-{name}-"
+    """``.tmp-gaq-<host>.<pid>-<name>-``: whose temporary this is, so only a dead writer's is ever removed
+    (the host tag keeps a cache shared between machines safe: another machine's pids are not checked here)."""
+    return f"{TMP_PREFIX}{_host_tag()}.{os.getpid()}-{name}-"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -58,8 +67,8 @@ def clean_stale_tmp(folder: str) -> list[str]:
     for name in names:
         if not name.startswith(TMP_PREFIX):
             continue
-        pid = name[len(TMP_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+        host, _, pid = name[len(TMP_PREFIX):].split("-", 1)[0].partition(".")
+        if host != _host_tag() or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
             continue
         path = os.path.join(folder, name)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -78,6 +87,8 @@ def _check_parent(path: str, flag: str) -> str:
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
         raise OutputError(f"{flag} {path}: {parent} is a file, not a folder")
+    if parent and not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {path}: no permission to write in {parent}")
     return parent
 
 
@@ -92,6 +103,7 @@ def atomic_path(path: str) -> Iterator[str]:
     _check_parent(path, "output")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    clean_stale_tmp(parent)
     fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(os.path.basename(path)), dir=parent)
     os.close(fd)
     try:
@@ -119,8 +131,24 @@ def _protected(extra: Iterable[str]) -> list[tuple[str, str]]:
             *((os.path.realpath(p), "an input of this run (model, cache or recipe folder)") for p in extra if p)]
 
 
-def check_output_dir(path: str, kind: str, overwrite: bool = False, protect: Iterable[str] = (), flag: str = "--out") -> str:
-    """Raise :class:`OutputError` unless gaq may write a ``kind`` output folder at ``path``; returns it absolute."""
+def _owned_files(folder: str) -> set[str]:
+    m = read_manifest(folder)
+    return {f for f in (m or {}).get("files", []) if isinstance(f, str) and os.sep not in f and f not in (MANIFEST, ".", "..")}
+
+
+def _check_clash(folder: str, files: Iterable[str], flag: str) -> None:
+    """gaq replaces only files it wrote: a same-named file of the user's, or a folder, stops the write."""
+    owned = _owned_files(folder)
+    clash = sorted(f for f in files if os.path.lexists(os.path.join(folder, f)) and (f not in owned or not os.path.isfile(os.path.join(folder, f))))
+    if clash:
+        raise OutputError(f"{flag} {folder} holds {', '.join(clash[:3])} that gaq did not write and will not replace; "
+                          "move them or name another folder")
+
+
+def check_output_dir(path: str, kind: str, overwrite: bool = False, protect: Iterable[str] = (), flag: str = "--out",
+                     files: Iterable[str] = ()) -> str:
+    """Raise :class:`OutputError` unless gaq may write a ``kind`` output folder at ``path``; returns it absolute.
+    ``files``: the names the output will have, as far as known before the work (checked for clashes)."""
     if not path or not str(path).strip():
         raise OutputError(f"{flag} is empty; name a new folder")
     path = os.path.abspath(os.path.expanduser(path))
@@ -139,6 +167,7 @@ def check_output_dir(path: str, kind: str, overwrite: bool = False, protect: Ite
         if m is None and os.listdir(path) and not overwrite:
             raise OutputError(f"{flag} {path} exists and was not written by gaq; name a new folder, or pass --overwrite "
                               "to add gaq's files to it (only those are replaced)")
+        _check_clash(path, files, flag)
     return path
 
 
@@ -157,11 +186,8 @@ def _commit(tmp: str, target: str, kind: str) -> None:
         os.chmod(tmp, umask_mode(0o777))
         os.replace(tmp, target)
         return
-    clash = [f for f in files if os.path.isdir(os.path.join(target, f))]
-    if clash:
-        raise OutputError(f"{target}/{clash[0]} is a folder where gaq writes a file; name another output folder")
-    old = read_manifest(target)
-    old_files = [f for f in (old or {}).get("files", []) if isinstance(f, str) and os.sep not in f and f not in (MANIFEST, "..", ".")]
+    _check_clash(target, files, "output")
+    old_files = _owned_files(target)
     # while files move in, the manifest says "incomplete": readers refuse the folder, a rerun may replace it
     _write_manifest(target, kind, sorted(set(files) | set(old_files)), complete=False)
     for f in files:
@@ -173,12 +199,14 @@ def _commit(tmp: str, target: str, kind: str) -> None:
 
 
 @contextlib.contextmanager
-def output_dir(path: str, kind: str, overwrite: bool = False, protect: Iterable[str] = ()) -> Iterator[str]:
+def output_dir(path: str, kind: str, overwrite: bool = False, protect: Iterable[str] = (), files: Iterable[str] = ()) -> Iterator[str]:
     """Yield a temporary folder to fill; on success its files replace gaq's files at ``path``.
 
-    On failure or interrupt nothing at ``path`` changes. The checks of :func:`check_output_dir` run
-    again here, so a folder that appeared while the work ran is not replaced either."""
-    target = check_output_dir(path, kind, overwrite, protect)
+    On failure or interrupt before the files move in, nothing at ``path`` changes; an interrupt while
+    they move in leaves the folder marked incomplete (readers refuse it, a rerun replaces it). The checks
+    of :func:`check_output_dir` run again here, so a folder that appeared while the work ran is not
+    replaced either."""
+    target = check_output_dir(path, kind, overwrite, protect, files=files)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     clean_stale_tmp(parent)
@@ -196,7 +224,7 @@ def add_to_output(folder: str, files: list[str]) -> None:
     """Record files written later into a gaq output folder (e.g. ``gaq eval``'s) in its manifest."""
     m = read_manifest(folder)
     if m is not None:
-        _write_manifest(folder, m["kind"], sorted(set(m["files"]) | set(files)), complete=m.get("complete", True))
+        _write_manifest(folder, m["kind"], sorted(_owned_files(folder) | set(files)), complete=m.get("complete", False) is True)
 
 
 def check_output_file(path: str, overwrite: bool = False, owned: Callable[[str], bool] | None = None, flag: str = "--out") -> str:

@@ -1,0 +1,150 @@
+"""Record what a UNet sees while the user's own code samples: the calibration data of every front door.
+
+A forward hook on the UNet binds each call's arguments to its ``forward`` signature and keeps, per
+batch row: the input ``sample``, the row's timestep (a scalar or ``[1]`` timestep is broadcast; float
+timesteps such as Euler's stay float), every tensor conditioning input (``encoder_hidden_states``,
+``class_labels``, ``timestep_cond``, ``attention_mask``, ``encoder_attention_mask``, and each entry of
+``added_cond_kwargs`` under ``added_cond_kwargs.<name>``), and the FP output. A CFG-doubled batch gives
+one row per half. Rows are kept in a seeded reservoir per distinct timestep (``max_per_step`` each),
+so memory is bounded however long the user's loop runs and the kept set is timestep-balanced.
+``finalize`` orders the timesteps from noisiest to cleanest (the recorded "steps"), caps the total at
+``max_samples`` evenly over the steps, and splits and groups them like the CLI's capture.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+NESTED = ("added_cond_kwargs",)
+IGNORED = ("return_dict",)
+
+
+class RecordingError(ValueError):
+    """A UNet call the recorder cannot keep faithfully (the message names the input)."""
+
+
+def _is_empty(v: Any) -> bool:
+    return v is None or (isinstance(v, (dict, tuple, list)) and not v)
+
+
+class Recorder:
+    """``with Recorder(unet) as rec: user_code(); calib = rec.finalize(...)``."""
+
+    def __init__(self, unet: nn.Module, max_per_step: int = 256, seed: int = 0,
+                 keep: Callable[[float], bool] | None = None) -> None:
+        self.unet, self.max_per_step, self.keep = unet, max_per_step, keep
+        self.signature = inspect.signature(unet.forward)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rows: dict[float, list[dict[str, torch.Tensor]]] = {}
+        self.seen: dict[float, int] = {}
+        self.float_t = False
+        self.calls = 0
+        self._handle = None
+
+    def __enter__(self) -> "Recorder":
+        self._handle = self.unet.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    # -- recording ---------------------------------------------------------------------------------
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        try:
+            bound = self.signature.bind(*args, **kwargs).arguments
+        except TypeError as e:
+            raise RecordingError(f"UNet call does not match {type(module).__name__}.forward: {e}") from None
+        x = bound.get("sample")
+        if not isinstance(x, torch.Tensor):
+            raise RecordingError("UNet call without a tensor 'sample'")
+        b = x.shape[0]
+        t = self._timesteps(bound.get("timestep"), b)
+        cond: dict[str, torch.Tensor] = {}
+        for name, v in bound.items():
+            if name in ("sample", "timestep") or name in IGNORED or _is_empty(v):
+                continue
+            if name in NESTED and isinstance(v, dict):
+                for k, vv in v.items():
+                    cond[f"{name}.{k}"] = self._rows(f"{name}.{k}", vv, b)
+            elif isinstance(v, torch.Tensor):
+                cond[name] = self._rows(name, v, b)
+            else:
+                raise RecordingError(f"UNet input '{name}' ({type(v).__name__}) cannot be recorded for calibration; "
+                                     "gaq records tensors and added_cond_kwargs only")
+        eps = output.sample if hasattr(output, "sample") else output[0]
+        self.calls += 1
+        for i in range(b):
+            key = float(t[i])
+            if self.keep is not None and not self.keep(key):
+                continue
+            row = {"x": x[i].detach().cpu().clone(), "t": t[i].detach().cpu().clone(), "eps": eps[i].detach().cpu().clone()}
+            row.update({k: v[i].detach().cpu().clone() for k, v in cond.items()})
+            self._reservoir(key, row)
+
+    def _timesteps(self, t: Any, b: int) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        if t.numel() == 1:
+            t = t.reshape(1).expand(b)
+        elif t.shape != (b,):
+            raise RecordingError(f"timestep of shape {tuple(t.shape)} for a batch of {b}; expected a scalar or ({b},)")
+        if t.is_floating_point() and not torch.equal(t, t.round()):
+            self.float_t = True
+        return t
+
+    @staticmethod
+    def _rows(name: str, v: Any, b: int) -> torch.Tensor:
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            raise RecordingError(f"UNet input '{name}' must be a batched tensor to be recorded; got {type(v).__name__}")
+        if v.shape[0] == b:
+            return v
+        if v.shape[0] == 1:
+            return v.expand(b, *v.shape[1:])
+        raise RecordingError(f"UNet input '{name}' has {v.shape[0]} rows for a batch of {b}")
+
+    def _reservoir(self, key: float, row: dict[str, torch.Tensor]) -> None:
+        kept = self.rows.setdefault(key, [])
+        n = self.seen.get(key, 0)
+        self.seen[key] = n + 1
+        if len(kept) < self.max_per_step:
+            kept.append(row)
+            return
+        j = int(torch.randint(0, n + 1, (1,), generator=self.gen))
+        if j < self.max_per_step:
+            kept[j] = row
+
+    # -- result ------------------------------------------------------------------------------------
+    def tensors(self, max_samples: int | None = None) -> dict[str, torch.Tensor]:
+        """The kept rows as batch-first tensors: ``x``, ``t``, ``eps``, ``step`` (0 = noisiest), ``timesteps``
+        (every distinct recorded timestep, noisiest first) and the conditioning inputs by name."""
+        if not self.rows:
+            raise RecordingError("no UNet call was recorded: the forward loop never ran the UNet "
+                                 "(did the pipeline use another module than the one passed to gaq?)")
+        keys = sorted(self.rows, reverse=True)
+        cap = self.max_per_step if max_samples is None else max(1, max_samples // len(keys))
+        rows, steps = [], []
+        for s, k in enumerate(keys):
+            rows += self.rows[k][:cap]
+            steps += [s] * len(self.rows[k][:cap])
+        names = set(rows[0])
+        for r in rows:
+            if set(r) != names:
+                raise RecordingError(f"UNet calls differ in their inputs ({sorted(names ^ set(r))}); record one kind of call")
+        out = {k: torch.stack([r[k] for r in rows]) for k in sorted(names)}
+        t_dtype = torch.float32 if self.float_t else torch.long
+        out["t"] = out["t"].to(t_dtype)
+        out["step"] = torch.tensor(steps)
+        out["timesteps"] = torch.tensor(keys, dtype=t_dtype)
+        return out
+
+
+def calibration_from_tensors(raw: dict[str, torch.Tensor], val_fraction: float, n_groups: int, seed: int):
+    """A :class:`CalibrationSet` from :meth:`Recorder.tensors` output (or its cached copy)."""
+    from .capture import CalibrationSet, check_finite, split_and_group
+
+    check_finite(raw)
+    is_val, group = split_and_group(raw["step"], raw["t"], val_fraction, n_groups, seed)
+    cond = {k: v for k, v in raw.items() if k not in ("x", "t", "eps", "step", "timesteps")}
+    return CalibrationSet(raw["x"], raw["t"], raw["eps"], raw["step"], is_val, group, cond, timesteps=raw["timesteps"])

@@ -1,0 +1,215 @@
+"""Real diffusers UNets through the three front doors (issue 13): tiny random configs of the real classes
+(SD-like and SDXL-like UNet2DConditionModel, class-conditional and LDM-style latent UNet2DModel),
+calibrated from the user's own sampling loop with diffusers' schedulers."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gaq_backend as gaq
+from gaq_backend.algorithms.gradient_aligned import GradientAlignedConfig
+from gaq_backend.algorithms.temporal import TemporalConfig
+from gaq_backend.algorithms.uniform import UniformConfig
+from gaq_backend.calibration.recorder import Recorder, RecordingError
+from gaq_backend.config import CalibrationConfig, ConfigError
+
+COND_DIM, SEQ = 12, 5
+
+
+def sd_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=COND_DIM, attention_head_dim=4, norm_num_groups=4).eval()
+
+
+def sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=COND_DIM, attention_head_dim=4, norm_num_groups=4, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=4,
+                                projection_class_embeddings_input_dim=COND_DIM + 6 * 4).eval()
+
+
+def class_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=4, norm_num_groups=4, num_class_embeds=10).eval()
+
+
+def ldm_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       attention_head_dim=4, norm_num_groups=4).eval()
+
+
+def sampling_loop(kind: str, n_images: int = 3, steps: int = 5, seed: int = 0):
+    """A user's own loop over a diffusers scheduler: Euler (float timesteps) with classifier-free guidance
+    for the text-conditioned UNets, DPM-Solver for the class-conditional one, DDIM for the LDM."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    def loop(unet):
+        g = torch.Generator().manual_seed(seed)
+        c, s = unet.config.in_channels, unet.config.sample_size
+        sched = {"sd": EulerDiscreteScheduler, "sdxl": EulerDiscreteScheduler, "class": DPMSolverMultistepScheduler,
+                 "ldm": DDIMScheduler}[kind](num_train_timesteps=1000)
+        sched.set_timesteps(steps)
+        x = torch.randn(n_images, c, s, s, generator=g) * sched.init_noise_sigma
+        text = torch.randn(n_images, SEQ, COND_DIM, generator=g)
+        extra = {}
+        if kind == "sdxl":
+            extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2 * n_images, COND_DIM, generator=g),
+                                           "time_ids": torch.tensor([[8.0, 8, 0, 0, 8, 8]]).repeat(2 * n_images, 1)}}
+        labels = torch.randint(0, 10, (n_images,), generator=g)
+        with torch.no_grad():
+            for t in sched.timesteps:
+                if kind in ("sd", "sdxl"):  # CFG: one call on the doubled batch, t as a 0-d tensor as pipelines pass it
+                    inp = sched.scale_model_input(torch.cat([x, x]), t)
+                    uncond, cond = unet(inp, t, encoder_hidden_states=torch.cat([torch.zeros_like(text), text]), **extra).sample.chunk(2)
+                    eps = uncond + 5.0 * (cond - uncond)
+                elif kind == "class":
+                    eps = unet(x, t, class_labels=labels).sample
+                else:
+                    eps = unet(x, t).sample
+                x = sched.step(eps, t, x).prev_sample
+        return x
+    return loop
+
+
+MAKERS = {"sd": sd_unet, "sdxl": sdxl_unet, "class": class_unet, "ldm": ldm_unet}
+CAL = CalibrationConfig(val_fraction=0.25, n_groups=2, max_per_step=8, seed=0)
+
+
+def _config(algorithm, bits="W8A8"):
+    return gaq.preset(bits, algorithm=algorithm, calibration=CAL, keep_fp=["conv_in", "conv_out"])
+
+
+def _fp_eps(unet, calib):
+    from gaq_backend.sampling import unet_forward
+
+    with torch.no_grad():
+        return unet_forward(unet, calib.x, calib.t, calib.cond)
+
+
+ALGORITHMS = [gaq.MinMaxConfig(), UniformConfig(iters=4, act_iters=4, batch_size=8),
+              TemporalConfig(iters=4, act_iters=4, tib_iters=4, batch_size=8),
+              GradientAlignedConfig(iters=4, act_iters=4, outer_iters=2, outer_batch_size=8, batch_size=8, diagnostics=False)]
+
+
+@pytest.mark.parametrize("kind", sorted(MAKERS))
+def test_every_algorithm_quantizes_every_kind_of_unet_from_the_users_loop(kind, tmp_path):
+    held_out = None
+    for algo in ALGORITHMS:
+        unet = MAKERS[kind]()
+        fp = copy.deepcopy(unet)
+        q = gaq.quantize(unet, _config(algo), forward_loop=sampling_loop(kind), progress=False)
+        held = q.gaq_info.held_out
+        assert len(held) > 0 and held.x.shape[1:] == (fp.config.in_channels, 8, 8)
+        held_out = held
+        with torch.no_grad():
+            err = (_fp_eps(q, held) - held.eps).pow(2).mean() / held.eps.pow(2).mean()
+        assert err < (0.05 if algo.name == "minmax" else 0.2), (algo.name, float(err))  # W8A8 stays close to FP
+    # save -> load is exact, for the class the model came in
+    out = tmp_path / "q"
+    out.mkdir()
+    gaq.save_quantized(q, str(out))
+    loaded, _, recipe = gaq.load_quantized(str(out))
+    assert type(loaded) is type(q) and recipe.algorithm == "gradient_aligned"
+    assert torch.equal(_fp_eps(loaded, held_out), _fp_eps(q, held_out))
+    assert torch.equal(loaded.gaq_info.held_out.x, held_out.x)
+
+
+def _recorded_calls(kind):
+    """The forward-keyword dicts the user's loop passes to the UNet (what an NNCF user would hold)."""
+    calls = []
+    unet = MAKERS[kind]()
+    unet.register_forward_pre_hook(lambda m, a, kw: calls.append(copy.deepcopy({"sample": a[0], "timestep": a[1], **kw})), with_kwargs=True)
+    sampling_loop(kind)(unet)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_the_three_front_doors_give_the_same_model(kind):
+    import nncf
+    from torchao.quantization import quantize_
+
+    cfg = _config(UniformConfig(iters=4, act_iters=4, batch_size=8), "W4A8")
+    a = gaq.quantize(MAKERS[kind](), cfg, forward_loop=sampling_loop(kind), progress=False)
+
+    b = MAKERS[kind]()
+    quantize_(b, gaq.GAQConfig(cfg, step="prepare", progress=False), filter_fn=lambda m, fqn: fqn == "")
+    sampling_loop(kind)(b)
+    quantize_(b, gaq.GAQConfig(cfg, step="convert", progress=False), filter_fn=gaq.unet_root)
+
+    calls = _recorded_calls(kind)
+    c = gaq.quantize(MAKERS[kind](), cfg, calibration=nncf.Dataset(calls, lambda item: item), progress=False)
+    d = gaq.quantize(MAKERS[kind](), cfg, calibration=calls, progress=False)
+
+    sa = a.state_dict()
+    for other in (b, c, d):
+        so = other.state_dict()
+        assert so.keys() == sa.keys() and all(torch.equal(sa[k], so[k]) for k in sa)
+
+
+def test_recorder_keeps_a_bounded_timestep_balanced_seeded_subset():
+    def run(seed):
+        unet = sd_unet()
+        with Recorder(unet, max_per_step=4, seed=seed) as rec:
+            sampling_loop("sd", n_images=5, steps=4)(unet)
+            sampling_loop("sd", n_images=5, steps=4, seed=1)(unet)  # a second run at the same timesteps
+        return rec.tensors(), rec
+    raw, rec = run(0)
+    assert rec.calls == 8 and all(n == 20 for n in rec.seen.values())  # 2 runs x 5 images x CFG 2 per timestep
+    assert raw["t"].dtype == torch.float32 and not torch.equal(raw["t"], raw["t"].round())  # Euler's float timesteps
+    assert torch.bincount(raw["step"]).tolist() == [4, 4, 4, 4]  # balanced, bounded
+    assert raw["encoder_hidden_states"].shape == (16, SEQ, COND_DIM) and raw["x"].shape == (16, 4, 8, 8)
+    again, _ = run(0)
+    other, _ = run(1)
+    assert all(torch.equal(raw[k], again[k]) for k in raw)  # deterministic given the seed
+    assert not torch.equal(raw["x"], other["x"])
+    with pytest.raises(RecordingError, match="no UNet call was recorded"):
+        Recorder(sd_unet()).tensors()
+
+
+def test_recorder_rejects_what_it_cannot_replay():
+    unet = sd_unet()
+    x = torch.randn(2, 4, 8, 8)
+    with Recorder(unet) as rec, pytest.raises(RecordingError, match="cross_attention_kwargs"):
+        unet(x, 10, encoder_hidden_states=torch.randn(2, SEQ, COND_DIM), cross_attention_kwargs={"scale": 0.5})
+    with Recorder(unet) as rec, pytest.raises(RecordingError, match="timestep of shape"):
+        unet(x, torch.tensor([1, 2, 3]), encoder_hidden_states=torch.randn(2, SEQ, COND_DIM))
+    assert not rec.rows
+
+
+def test_guards_refuse_what_would_silently_break(monkeypatch):
+    cfg = _config(gaq.MinMaxConfig())
+    loop = sampling_loop("sd")
+    with pytest.raises(ConfigError, match="torch.compile"):
+        gaq.quantize(torch.compile(sd_unet()), cfg, forward_loop=loop)
+    fused = sd_unet()
+    fused.fuse_qkv_projections()
+    with pytest.raises(ConfigError, match="fused QKV"):
+        gaq.quantize(fused, cfg, forward_loop=loop)
+    done = gaq.quantize(sd_unet(), cfg, forward_loop=loop, progress=False)
+    with pytest.raises(ConfigError, match="already quantized"):
+        gaq.quantize(done, cfg, forward_loop=loop)
+    lora = sd_unet()
+    lora.down_blocks[0].attentions[0].proj_in.lora_A = nn.ModuleDict({"default": nn.Linear(8, 2)})  # what peft adds
+    with pytest.raises(ConfigError, match="LoRA"):
+        gaq.quantize(lora, cfg, forward_loop=loop)
+    with pytest.raises(ConfigError, match="exactly one"):
+        gaq.quantize(sd_unet(), cfg, progress=False)
+    with pytest.raises(ConfigError, match="must be a dict"):
+        gaq.quantize(sd_unet(), cfg, calibration=[torch.zeros(1)])

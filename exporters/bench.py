@@ -22,14 +22,19 @@ from gaq_backend import __version__
 from gaq_backend.utils.cache import prepare_cache_dir
 
 from .onnx_export import check_onnx_out, export_fp, export_quantized, file_mb
-from .ort_runtime import PROVIDERS, ProviderUnavailable, create_session
+from .ort_runtime import ORT_DTYPES, PROVIDERS, ProviderUnavailable, create_session
 
 
 class _Reader:
     """onnxruntime's CalibrationDataReader protocol over held-out calibration inputs."""
 
     def __init__(self, x: np.ndarray, t: np.ndarray, batch: int = 8):
-        self.items = [{"sample": x[i: i + batch], "timestep": t[i: i + batch]} for i in range(0, len(x), batch)]
+        # one rank-0 timestep per call (the exported contract): batches of rows that share it
+        self.items = []
+        for value in dict.fromkeys(t.tolist()):
+            rows = np.flatnonzero(t == value)
+            self.items += [{"sample": x[rows[i: i + batch]], "timestep": np.asarray(value, dtype=np.float32)}
+                           for i in range(0, len(rows), batch)]
 
     def get_next(self):
         return self.items.pop(0) if self.items else None
@@ -86,7 +91,7 @@ def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bo
             if want_fp16:
                 variants.append(dict(variant="fp16", source=base, path=export_fp(fp, _work_file(work_dir, f"{tag}-fp16.onnx"), opset=20, half=True),
                                      shape=shape, gpu_only=True))
-            x, t = parity_inputs(recipe, sched, 64, progress)
+            x, t, _ = parity_inputs(recipe, sched, 64, progress)
             qs = _work_file(work_dir, f"{tag}-quantize_static-w8a8.onnx")
             _quantize_static(fp32, qs, x.numpy(), t.numpy())
             variants.append(dict(variant="quantize_static-w8a8", source=base, path=qs, shape=shape))
@@ -106,7 +111,11 @@ def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bo
 
 def time_session(session, batch: int, shape: list[int], repeats: int, warmup: int) -> list[float]:
     rng = np.random.default_rng(0)
-    feed = {"sample": rng.standard_normal((batch, *shape), dtype=np.float32), "timestep": np.full(batch, 500, dtype=np.int64)}
+    feed = {"sample": rng.standard_normal((batch, *shape), dtype=np.float32), "timestep": np.asarray(500.0, dtype=np.float32)}
+    for inp in session.get_inputs():  # conditioning inputs: zeros of the declared shape (dynamic axes: batch, then 8)
+        if inp.name not in feed:
+            dims = [d if isinstance(d, int) else (batch if k == 0 else 8) for k, d in enumerate(inp.shape)]
+            feed[inp.name] = np.zeros(dims, dtype=ORT_DTYPES.get(inp.type, np.float32))
     for _ in range(warmup):
         session.run(None, feed)
     times = []

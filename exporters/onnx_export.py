@@ -23,31 +23,16 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from gaq_backend.utils.io import check_output_file, clean_stale_tmp, tmp_prefix, umask_mode
+from gaq_backend.utils.io import check_output_file, clean_stale_tmp, tmp_prefix, umask_mode, write_json
 
 from .qdq_forms import export_forms
+from .signature import COND_INPUTS, OUTPUT_NAME, UNetGraph, cond_inputs, dynamic_axes, example_inputs
 
-INPUT_NAMES = ("sample", "timestep")
-OUTPUT_NAME = "noise_pred"
 MIN_OPSET = 13          # per-axis DequantizeLinear
 INT4_MIN_OPSET = 21     # INT4 / UINT4 tensors
 TRACE_MAX_OPSET = 20    # the TorchScript exporter's ceiling; higher opsets are reached by conversion
 IR_VERSION = 10         # what onnxruntime 1.2x loads (onnx 1.23 would write 11+)
 EXTERNAL_DATA_BYTES = 1 << 30
-
-
-class _NoisePredictor(nn.Module):
-    """``(sample, timestep) -> noise prediction`` with plain float32 tensors in and out, as ONNX wants
-    (a half-precision UNet casts at the boundary, so every variant has the same interface)."""
-
-    def __init__(self, unet: nn.Module, half: bool = False):
-        super().__init__()
-        self.unet, self.half = unet, half
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        if self.half:
-            return self.unet(sample.half(), timestep).sample.float()
-        return self.unet(sample, timestep).sample
 
 
 @dataclass
@@ -61,9 +46,8 @@ class ExportResult:
     parity: dict[str, Any] = field(default_factory=dict)
 
 
-def example_inputs(unet: nn.Module, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    c, s = unet.config.in_channels, unet.config.sample_size
-    return torch.zeros(batch, c, s, s), torch.full((batch,), 500, dtype=torch.long)
+def input_names(unet: nn.Module) -> list[str]:
+    return ["sample", "timestep", *(COND_INPUTS[n] for n in cond_inputs(unet))]
 
 
 def trace_to_onnx(unet: nn.Module, opset: int, half: bool = False) -> onnx.ModelProto:
@@ -73,10 +57,9 @@ def trace_to_onnx(unet: nn.Module, opset: int, half: bool = False) -> onnx.Model
     # in validation is what tells whether the graph generalises
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(_NoisePredictor(unet, half).eval(), example_inputs(unet), buf, dynamo=False,
-                          opset_version=min(opset, TRACE_MAX_OPSET), input_names=list(INPUT_NAMES),
-                          output_names=[OUTPUT_NAME], do_constant_folding=True,
-                          dynamic_axes={INPUT_NAMES[0]: {0: "batch"}, INPUT_NAMES[1]: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        torch.onnx.export(UNetGraph(unet, half).eval(), example_inputs(unet), buf, dynamo=False,
+                          opset_version=min(opset, TRACE_MAX_OPSET), input_names=input_names(unet),
+                          output_names=[OUTPUT_NAME], do_constant_folding=True, dynamic_axes=dynamic_axes(unet))
     model = onnx.load_from_string(buf.getvalue())
     _undo_initializer_sharing(model)
     _quantize_after_transpose(model)
@@ -241,6 +224,14 @@ def owns_external_data(path: str) -> bool:
                                      for t in model.graph.initializer for e in t.external_data)
 
 
+def _is_gaq_unet_config(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return "_gaq_export" in json.load(f)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def check_onnx_out(out: str, overwrite: bool = False, flag: str = "--out") -> str:
     """The export target and its ``.data`` file may be replaced only if gaq wrote them (or with ``overwrite``)."""
     check_output_file(out, overwrite, is_gaq_onnx, flag=flag)
@@ -262,10 +253,6 @@ def build_quantized_onnx(unet: nn.Module, weights: str, opset: int, metadata: di
         raise ValueError(f"opset {opset} is too old: per-channel DequantizeLinear needs opset {MIN_OPSET} or newer")
     if weights == "int4" and opset < INT4_MIN_OPSET:
         raise ValueError(f"--weights int4 needs opset {INT4_MIN_OPSET} or newer (INT4 tensors); got opset {opset}")
-    if getattr(unet.config, "cross_attention_dim", None) or getattr(unet.config, "num_class_embeds", None) \
-            or getattr(unet.config, "class_embed_type", None):
-        raise ValueError(f"export of conditional UNets ({type(unet).__name__} with conditioning inputs) is not supported yet: "
-                         "only (sample, timestep) graphs are exported")
     with export_forms(unet):
         model = trace_to_onnx(unet, opset)
     if weights == "int4":
@@ -282,6 +269,8 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
     from .validate import held_out_inputs, parity_inputs, validate
 
     check_onnx_out(out, overwrite)
+    config_path = os.path.join(os.path.dirname(os.path.abspath(out)), "config.json")
+    check_output_file(config_path, overwrite, _is_gaq_unet_config, flag="--out (the config.json beside it)")
     unet, sched_cfg, recipe = load_quantized(folder)
     qcfg = recipe.quant_config()
     with open(os.path.join(folder, "recipe.yaml")) as f:
@@ -293,8 +282,11 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
     if weights == "int4" and qcfg.w_bits > 4:
         raise ValueError(f"--weights int4 cannot hold W{qcfg.w_bits} weights; use --weights int8")
     model = build_quantized_onnx(unet, weights, opset, meta)
-    x, t = held_out_inputs(unet, check_samples) or parity_inputs(recipe, sched_cfg, check_samples, progress)
-    parity = save_model_atomic(model, out, external_data, check=lambda path: validate(path, unet, x, t), overwrite=overwrite)
+    x, t, cond = held_out_inputs(unet, check_samples) or parity_inputs(recipe, sched_cfg, check_samples, progress)
+    parity = save_model_atomic(model, out, external_data, check=lambda path: validate(path, unet, x, t, cond), overwrite=overwrite)
+    # Optimum loads a UNet folder only with its diffusers config beside model.onnx
+    write_json(config_path, {"_class_name": type(unet).__name__, "_gaq_export": os.path.basename(out),
+                             **{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}})
     ops = Counter(n.op_type for n in model.graph.node)
     return ExportResult(out, weights, opset, ops["QuantizeLinear"], ops["DequantizeLinear"], file_mb(out), parity)
 

@@ -49,12 +49,37 @@ def create_session(model, provider: str = "cpu", threads: int = 0, config: dict[
     return sess
 
 
-def predict_noise(session, x: np.ndarray, t: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """The UNet's noise prediction for inputs ``x`` (N, C, H, W) float32 at timesteps ``t`` (N,) int64."""
-    outs = [session.run(None, {"sample": np.ascontiguousarray(x[i: i + batch_size], dtype=np.float32),
-                               "timestep": np.ascontiguousarray(t[i: i + batch_size], dtype=np.int64)})[0]
-            for i in range(0, len(x), batch_size)]
-    return np.concatenate(outs)
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def onnx_input_name(recorded: str) -> str:
+    """A recorded conditioning input's ONNX name: ``added_cond_kwargs.text_embeds`` -> ``text_embeds``."""
+    return recorded.rsplit(".", 1)[-1]
+
+
+def predict_noise(session, x: np.ndarray, t: np.ndarray, batch_size: int = 64, cond: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """The UNet's prediction for rows ``x`` (N, C, H, W) at timesteps ``t`` (N,), with conditioning inputs
+    ``cond`` (by recorded or ONNX name, N rows each). Rows are grouped by timestep: each call feeds one
+    rank-0 timestep, as a pipeline does (the exported contract, exporters/signature.py)."""
+    declared = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
+    cond = {onnx_input_name(k): np.asarray(v) for k, v in (cond or {}).items()}
+    missing = sorted(set(declared) - {"sample", "timestep"} - set(cond))
+    if missing:
+        raise ValueError(f"the model also needs the inputs {', '.join(missing)}")
+    t = np.asarray(t).reshape(-1)
+    out: np.ndarray | None = None
+    for value in dict.fromkeys(t.tolist()):  # distinct timesteps, in order
+        rows = np.flatnonzero(t == value)
+        for i in range(0, len(rows), batch_size):
+            r = rows[i: i + batch_size]
+            feed = {"sample": np.ascontiguousarray(x[r], dtype=declared["sample"]),
+                    "timestep": np.asarray(value, dtype=declared["timestep"])}
+            feed.update({k: np.ascontiguousarray(v[r], dtype=declared[k]) for k, v in cond.items() if k in declared})
+            y = session.run(None, feed)[0]
+            if out is None:
+                out = np.empty((len(x), *y.shape[1:]), dtype=y.dtype)
+            out[r] = y
+    return out
 
 
 def metadata(path: str) -> dict[str, str]:

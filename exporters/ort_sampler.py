@@ -111,6 +111,10 @@ def sample(model_path: str, num_samples: int = 16, seed: int = 0, steps: int | N
         raise ValueError(f"--noise has shape {tuple(noise.shape)}; the model samples (N, {', '.join(map(str, shape))})")
     x = np.asarray(noise, dtype=np.float32).copy()
     session = create_session(model_path, provider)
+    extra = [i.name for i in session.get_inputs() if i.name not in ("sample", "timestep")]
+    if extra:
+        raise ValueError(f"gaq sample runs unconditional UNets only; {model_path} also takes {', '.join(extra)} "
+                         "(run it in your pipeline, e.g. Optimum's ORTDiffusionPipeline)")
     from tqdm import tqdm
 
     for t in tqdm(sched.timesteps, desc="sample (onnxruntime)", unit="step", disable=not progress, leave=False):

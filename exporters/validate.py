@@ -34,16 +34,17 @@ class ParityError(ValueError):
     pass
 
 
-def held_out_inputs(unet: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``n`` of the held-out recorded inputs saved with the quantized folder (None for folders without them)."""
+def held_out_inputs(unet: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
+    """``n`` of the held-out recorded inputs saved with the quantized folder, ``(x, t, cond)`` (None for
+    folders without them)."""
     held = getattr(getattr(unet, "gaq_info", None), "held_out", None)
     if held is None or not len(held):
         return None
     idx = torch.linspace(0, len(held) - 1, min(n, len(held))).round().long()
-    return held.x[idx], held.t[idx]
+    return held.x[idx], held.t[idx], {k: v[idx] for k, v in held.cond.items()}
 
 
-def parity_inputs(recipe, scheduler_config: dict, n: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def parity_inputs(recipe, scheduler_config: dict, n: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """``n`` held-out calibration inputs ``(x_t, t)`` spread evenly over the validation split (all timestep
     groups), captured again with the recipe (for folders written before held-out inputs were saved)."""
     from gaq_backend.calibration import capture_calibration
@@ -56,21 +57,27 @@ def parity_inputs(recipe, scheduler_config: dict, n: int, progress: bool = True)
     calib, _ = capture_calibration(fp, scheduler_config, recipe.sampler, recipe.calibration, progress)
     val = calib.val
     idx = torch.linspace(0, len(val) - 1, min(n, len(val))).round().long()
-    return val.x[idx], val.t[idx]
+    return val.x[idx], val.t[idx], {}
 
 
-def _run_torch(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, batch_size: int) -> np.ndarray:
-    return torch.cat([unet(x[i: i + batch_size], t[i: i + batch_size]).sample for i in range(0, len(x), batch_size)]).double().numpy()
+def _run_torch(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict, batch_size: int) -> np.ndarray:
+    from gaq_backend.sampling import unet_forward
+
+    return torch.cat([unet_forward(unet, x[i: i + batch_size], t[i: i + batch_size], {k: v[i: i + batch_size] for k, v in cond.items()})
+                      for i in range(0, len(x), batch_size)]).double().numpy()
 
 
 @torch.no_grad()
 def compare_with_torch(model: onnx.ModelProto | str, unet: nn.Module, x: torch.Tensor, t: torch.Tensor,
-                       batch_size: int = 64) -> dict:
+                       cond: dict | None = None, batch_size: int = 64) -> dict:
     """|onnxruntime CPU - torch| over the inputs, absolute and in output INT8 steps, with the bounds
     derived from |torch float64 - torch float32| on the same inputs."""
-    ref = _run_torch(unet, x, t, batch_size)
-    ref64 = _run_torch(copy.deepcopy(unet).double(), x.double(), t, batch_size)
-    got = predict_noise(create_session(model), x.numpy(), t.numpy(), batch_size)
+    cond = cond or {}
+    ref = _run_torch(unet, x, t, cond, batch_size)
+    cond64 = {k: v.double() if v.is_floating_point() else v for k, v in cond.items()}
+    ref64 = _run_torch(copy.deepcopy(unet).double(), x.double(), t.double() if t.is_floating_point() else t, cond64, batch_size)
+    got = predict_noise(create_session(model), x.float().numpy(), t.numpy(), batch_size,
+                        {k: v.numpy() for k, v in cond.items()})
     if got.shape != ref.shape:
         raise ParityError(f"onnxruntime output shape {got.shape} differs from torch {ref.shape}")
     if not np.isfinite(got).all():
@@ -86,14 +93,14 @@ def compare_with_torch(model: onnx.ModelProto | str, unet: nn.Module, x: torch.T
                             max_steps=max(MAX_FIXED, MAX_FACTOR * f64["max_steps"])))
 
 
-def validate(model: onnx.ModelProto | str, unet: nn.Module, x: torch.Tensor, t: torch.Tensor) -> dict:
+def validate(model: onnx.ModelProto | str, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> dict:
     """Full checker, then parity, of a model or a written file (a path also checks external data);
     raises :class:`ParityError` naming the bound that failed."""
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:
         raise ParityError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from e
-    res = compare_with_torch(model, unet, x, t)
+    res = compare_with_torch(model, unet, x, t, cond)
     over = [f"{k} {res[k]:.3g} > {b:.3g}" for k, b in res["bounds"].items() if res[k] > b]
     if over:
         raise ParityError(f"onnxruntime differs from the PyTorch fake-quant model by more than the bound, in output INT8 "

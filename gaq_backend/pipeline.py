@@ -18,7 +18,7 @@ from .evaluation.images import grid
 from .models.embedded import EMBEDDED_MODEL_DIR, load_unet
 from .recipe import Recipe
 from .sampling import ddim_sample, initial_noise
-from .serialization import FOLDER_FILES, save_quantized
+from .serialization import FOLDER_FILES, write_quantized
 from .utils.cache import prepare_cache_dir
 from .utils.io import check_output_dir, output_dir, write_json
 from .utils.memory import check_fits
@@ -124,7 +124,7 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
         environment=dict(gaq=__version__, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine()),
     )
     with output_dir(out_dir, "quantized", overwrite, protect, files=OUTPUT_FILES) as tmp:
-        save_quantized(unet, tmp, sched_cfg, recipe)
+        write_quantized(unet, tmp, sched_cfg, recipe)
         for name, write in artifacts.items():
             write(os.path.join(tmp, name))
         n = min(rep.grid, rep.num_samples)

@@ -40,11 +40,21 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_quantized(model: nn.Module, folder: str, scheduler_config: dict | None = None, recipe=None) -> None:
-    """Write the quantized ``model`` (from :func:`gaq_backend.quantize`) into the existing ``folder``.
+def save_quantized(model: nn.Module, folder: str, scheduler_config: dict | None = None, recipe=None,
+                   overwrite: bool = False) -> str:
+    """Save the quantized ``model`` (from :func:`gaq_backend.quantize`) as a ``gaq quantize``-style folder,
+    atomically, through gaq's output writer (an existing folder only if it is a gaq output, or with
+    ``overwrite``; see :mod:`gaq_backend.utils.io`). Returns the folder."""
+    from .utils.io import output_dir
 
-    ``recipe`` defaults to one built from ``model.gaq_info.config`` (``model: user``, as the base model
-    of an API call is not a path gaq knows)."""
+    with output_dir(folder, "quantized", overwrite, files=FOLDER_FILES) as tmp:
+        write_quantized(model, tmp, scheduler_config, recipe)
+    return folder
+
+
+def write_quantized(model: nn.Module, folder: str, scheduler_config: dict | None = None, recipe=None) -> None:
+    """Write the folder's files into the existing ``folder``. ``recipe`` defaults to one built from
+    ``model.gaq_info.config`` (``model: user``: the base model of an API call is not a path gaq knows)."""
     from .recipe import USER_MODEL, Recipe, dump_recipe
 
     info = getattr(model, "gaq_info", None)

@@ -90,8 +90,7 @@ class Recorder:
             t = t.reshape(1).expand(b)
         elif t.shape != (b,):
             raise RecordingError(f"timestep of shape {tuple(t.shape)} for a batch of {b}; expected a scalar or ({b},)")
-        if t.is_floating_point() and not torch.equal(t, t.round()):
-            self.float_t = True
+        self.float_t |= t.is_floating_point()  # kept as recorded: Euler / Karras timesteps are float
         return t
 
     @staticmethod

@@ -38,7 +38,7 @@ def current_timestep_tensor() -> torch.Tensor:
 class TimestepRanges(nn.Module):
     def __init__(self, n: int) -> None:
         super().__init__()
-        self.register_buffer("t", torch.zeros(n, dtype=torch.long))
+        self.register_buffer("t", torch.zeros(n, dtype=torch.float32))  # float: Euler / Karras timesteps are not integers
         self.register_buffer("scale", torch.ones(n))
         self.register_buffer("zero_point", torch.zeros(n))
 

@@ -153,6 +153,6 @@ class UniformQuantizer(nn.Module):
             raise ValueError("timestep ranges are for per-tensor quantizers")
         s, z = scale_from_range(lo.float(), hi.float(), self.bits, self.symmetric)
         table = TimestepRanges(len(t))
-        table.t.copy_(t.long()); table.scale.copy_(s); table.zero_point.copy_(z)
+        table.t.copy_(t.float()); table.scale.copy_(s); table.zero_point.copy_(z)
         self.timestep_ranges = table
         self.calibrated.fill_(True)

@@ -100,9 +100,16 @@ def _bits(value: Any, key: str, allow_32: bool) -> None:
 class SamplerConfig(GaqBaseConfig):
     """The FP sampler used for calibration capture, reports and evaluation."""
     section: ClassVar[str] = "sampler"
-    kind: Literal["ddim"] = "ddim"
+    # "ddim": gaq's DDIM loop over the model's noise schedule; "pipeline": the model folder's own scheduler
+    # class and config; or a diffusers scheduler class name (EulerDiscreteScheduler, ...) built from that config
+    kind: str = "ddim"
     num_inference_steps: int = field(default=50, metadata=within(1, 1000))
     eta: float = field(default=0.0, metadata=within(0, 1))
+
+    def check(self, where: str = "sampler") -> None:
+        if self.kind not in ("ddim", "pipeline") and not (self.kind.isidentifier() and self.kind.endswith("Scheduler")):
+            raise ConfigError(f"{where}.kind must be ddim, pipeline or a diffusers scheduler class name "
+                              f"(e.g. EulerDiscreteScheduler); got {self.kind!r}")
 
 
 @dataclass
@@ -119,12 +126,23 @@ class CalibrationConfig(GaqBaseConfig):
     # recording from the user's own loop (quantize(forward_loop=...), GAQConfig, nncf.Dataset):
     max_per_step: int = field(default=256, metadata=at_least(2))  # rows kept per distinct timestep (seeded reservoir)
     max_samples: int = field(default=4096, metadata=at_least(2))  # total rows kept, spread evenly over the timesteps
+    # conditioning of pipeline capture (a model folder with model_index.json): n_per_step images cycle
+    # through the prompts, with classifier-free guidance; class-conditional UNets cycle through class_labels
+    prompts: str = ""                   # text file, one prompt a line (pipelines with a text encoder)
+    guidance_scale: float = field(default=7.5, metadata=at_least(0))
+    height: int = field(default=0, metadata=at_least(0))   # 0: the pipeline's default
+    width: int = field(default=0, metadata=at_least(0))
+    class_labels: list[int] = field(default_factory=list)
 
     def n_val(self) -> int:
         """Validation samples held out of each recorded step."""
         return max(1, int(round(self.val_fraction * self.n_per_step)))
 
     def check(self, where: str = "calibration") -> None:
+        if self.prompts and not os.path.isfile(self.prompts):
+            raise ConfigError(f"{where}.prompts: no such file: {self.prompts}")
+        if any(c < 0 for c in self.class_labels):
+            raise ConfigError(f"{where}.class_labels must be non-negative class indices; got {self.class_labels}")
         if self.n_val() >= self.n_per_step:
             raise ConfigError(f"{where}.n_per_step={self.n_per_step} with val_fraction={self.val_fraction} leaves no training "
                               f"sample per step; raise n_per_step or lower val_fraction")

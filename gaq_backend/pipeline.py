@@ -1,7 +1,6 @@
 """Run a recipe end to end: load, capture, quantize, measure, write the output folder atomically."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -15,7 +14,8 @@ from .calibration import capture_calibration
 from .config import ConfigError
 from .evaluation import noise_mse, save_grid, side_by_side, to_uint8
 from .evaluation.images import grid
-from .models.embedded import EMBEDDED_MODEL_DIR, load_unet
+from .calibration.pipeline_capture import capture_from_pipeline, pipeline_images
+from .models.loading import LoadedModel, load_model, make_scheduler_for, resolve_model_path
 from .recipe import Recipe
 from .sampling import ddim_sample, initial_noise
 from .serialization import FOLDER_FILES, write_quantized
@@ -28,28 +28,29 @@ from .wrapping.wrap import check_keep_fp
 OUTPUT_FILES = (*FOLDER_FILES, "samples.png", "report.json")  # plus an algorithm's artifacts
 
 
-def resolve_model_path(model: str) -> str:
-    return EMBEDDED_MODEL_DIR if model == "embedded" else model
-
-
 def load_model_and_scheduler(model: str) -> tuple[torch.nn.Module, dict]:
-    path = resolve_model_path(model)
-    unet = load_unet(path)
-    sched_path = os.path.join(path, "scheduler_config.json")
-    if not os.path.isfile(sched_path):
-        raise FileNotFoundError(f"model folder has no scheduler_config.json: {path}")
-    try:
-        with open(sched_path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{sched_path}: not a JSON scheduler config ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{sched_path}: not a JSON scheduler config (a {type(cfg).__name__}, not an object)")
-    return unet, cfg
+    """(UNet, scheduler config) of a recipe's ``model:`` (see :func:`gaq_backend.models.loading.load_model`)."""
+    loaded = load_model(model)
+    return loaded.unet, loaded.scheduler_config
 
 
-def preflight(recipe: Recipe, unet: torch.nn.Module, sched_cfg: dict) -> None:
+def preflight(recipe: Recipe, loaded: LoadedModel) -> None:
     """Checks that need the model, run before any long work: each failure is one line naming the key."""
+    unet, sched_cfg = loaded.unet, loaded.scheduler_config
+    if loaded.pipeline is None:
+        needs = [k for k in ("cross_attention_dim", "num_class_embeds", "class_embed_type") if getattr(unet.config, k, None)]
+        if needs:
+            raise ConfigError(f"{loaded.path}: this UNet needs conditioning ({needs[0]}); give the pipeline folder "
+                              "(model_index.json) as model:, or quantize it from Python with your own loop (README)")
+        if recipe.sampler.kind != "ddim":
+            raise ConfigError(f"sampler.kind {recipe.sampler.kind!r}: a bare UNet folder is sampled with gaq's DDIM loop "
+                              "(kind: ddim); other schedulers need a pipeline folder")
+    else:
+        from .calibration.pipeline_capture import read_prompts
+
+        make_scheduler_for(recipe.sampler.kind, sched_cfg, loaded.pipeline)
+        if getattr(loaded.pipeline, "text_encoder", None) is not None:
+            read_prompts(recipe.calibration.prompts)
     n_train = int(sched_cfg.get("num_train_timesteps", 1000))
     if recipe.sampler.num_inference_steps > n_train:
         raise ConfigError(f"sampler.num_inference_steps must be at most the scheduler's num_train_timesteps ({n_train}); "
@@ -69,6 +70,16 @@ def default_out_dir(recipe: Recipe) -> str:
     return os.path.join("out", f"{recipe.name or 'recipe'}-{recipe.algorithm}")
 
 
+def _report_images(loaded: LoadedModel, recipe: Recipe, label: str, progress: bool) -> torch.Tensor:
+    """``report.num_samples`` images from seed ``report.seed``: gaq's DDIM loop, or the pipeline itself."""
+    rep, unet = recipe.report, loaded.unet
+    if loaded.pipeline is not None:
+        return pipeline_images(loaded.pipeline, recipe, rep.num_samples, rep.seed)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    return ddim_sample(unet, loaded.scheduler_config, recipe.sampler, initial_noise(rep.num_samples, shape, rep.seed), rep.batch_size,
+                       progress=f"sample {label}" if progress else False, seed=rep.seed)
+
+
 def output_protect(recipe: Recipe, recipe_path: str | None = None) -> list[str]:
     """Folders an output must never replace or contain: the model's, the cache, the recipe's."""
     return [resolve_model_path(recipe.model), recipe.calibration.cache_dir] + ([os.path.dirname(os.path.abspath(recipe_path))] if recipe_path else [])
@@ -84,16 +95,24 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
     check_output_dir(out_dir, "quantized", overwrite, protect, files=OUTPUT_FILES)
     if not dry_run:
         prepare_cache_dir(recipe.calibration.cache_dir, "calibration.cache_dir")
-    unet, sched_cfg = load_model_and_scheduler(recipe.model)
-    preflight(recipe, unet, sched_cfg)
+    loaded = load_model(recipe.model)
+    unet, sched_cfg, pipe = loaded.unet, loaded.scheduler_config, loaded.pipeline
+    preflight(recipe, loaded)
     if dry_run:
         return None
-    fp_unet = load_unet(resolve_model_path(recipe.model))
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    rep = recipe.report
 
     t = time.perf_counter()
-    calib, cached = capture_calibration(unet, sched_cfg, recipe.sampler, recipe.calibration, progress)
+    if pipe is None:
+        calib, cached = capture_calibration(unet, sched_cfg, recipe.sampler, recipe.calibration, progress)
+    else:
+        calib, cached = capture_from_pipeline(pipe, recipe, progress)
+        sched_cfg = dict(pipe.scheduler.config)
     timings["capture"] = time.perf_counter() - t
+    # the FP report images come from the same UNet before it is quantized in place (no second copy)
+    t = time.perf_counter()
+    fp_imgs = _report_images(loaded, recipe, "fp", progress)
+    timings["report"] = time.perf_counter() - t
     log(f"calibration set: {len(calib.train)} train / {len(calib.val)} validation samples from "
         f"{int(calib.step.max()) + 1} steps in {calib.n_groups} groups ({'cache hit' if cached else 'captured'})")
 
@@ -107,17 +126,15 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
 
     t = time.perf_counter()
     mse, mse_groups = noise_mse(unet, calib.val, recipe.report.batch_size)
-    rep = recipe.report
-    noise = initial_noise(rep.num_samples, shape, rep.seed)
-    fp_imgs = ddim_sample(fp_unet, sched_cfg, recipe.sampler, noise, rep.batch_size, progress="sample fp" if progress else False, seed=rep.seed)
-    q_imgs = ddim_sample(unet, sched_cfg, recipe.sampler, noise, rep.batch_size, progress="sample quantized" if progress else False, seed=rep.seed)
-    timings["report"] = time.perf_counter() - t
+    q_imgs = _report_images(loaded, recipe, "quantized", progress)
+    timings["report"] += time.perf_counter() - t
 
     report = dict(
         algorithm=recipe.algorithm, w_bits=qcfg.w_bits, a_bits=qcfg.a_bits, recipe=recipe.name,
         metrics=dict(noise_mse=mse, noise_mse_per_group=mse_groups, sample_mse_vs_fp=float((q_imgs - fp_imgs).pow(2).mean())),
         metrics_info=dict(noise_mse=f"on {len(calib.val)} held-out calibration inputs; groups ordered by increasing t",
-                          sample_mse_vs_fp=f"{rep.num_samples} images, seed {rep.seed}, {recipe.sampler.num_inference_steps} DDIM steps, eta {recipe.sampler.eta}"),
+                          sample_mse_vs_fp=f"{rep.num_samples} images, seed {rep.seed}, {recipe.sampler.num_inference_steps} "
+                                           f"{recipe.sampler.kind} steps, eta {recipe.sampler.eta}"),
         calibration=dict(n_train=len(calib.train), n_val=len(calib.val), n_steps=int(calib.step.max()) + 1, n_groups=calib.n_groups, cache_hit=cached),
         layers=unet.gaq_info.wrap.to_dict(),
         algorithm_stats=unet.gaq_info.stats,

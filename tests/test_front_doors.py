@@ -267,3 +267,38 @@ def test_export_follows_the_unets_real_signature(kind, inputs, tmp_path):
         cond = {k: v[:b].numpy() for k, v in held.cond.items()}
         y = predict_noise(sess, held.x[:b].numpy(), held.t[:b].numpy(), cond=cond)
         assert y.shape == (b, *held.x.shape[1:]) and np.isfinite(y).all()
+
+
+def test_cli_quantizes_a_stable_diffusion_pipeline_folder_and_exports_from_the_folder_alone(tmp_path):
+    """gaq quantize on a tiny StableDiffusionPipeline folder: its own Euler scheduler, prompts from a file,
+    CFG; the report compares FP and quantized images of the same prompts and seeds; export needs only the
+    output folder."""
+    import json
+
+    import yaml
+    from conftest import make_tiny_sd_pipeline
+    from gaq_backend.cli import main
+
+    pipe_dir = make_tiny_sd_pipeline(str(tmp_path / "tiny-sd"))
+    (tmp_path / "prompts.txt").write_text("a red cat\nthe blue sea\n")
+    recipe = dict(model=pipe_dir, algorithm="minmax", sampler=dict(kind="pipeline", num_inference_steps=6),
+                  calibration=dict(n_per_step=4, interval=2, n_groups=3, val_fraction=0.25, batch_size=4, prompts=str(tmp_path / "prompts.txt"),
+                                   guidance_scale=5.0, cache_dir=str(tmp_path / "cache")),
+                  quantization=dict(w_bits=8, a_bits=8, keep_fp=["conv_in", "conv_out"]), settings=dict(batch_size=16),
+                  report=dict(num_samples=2, grid=2, batch_size=2))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert main(["quantize", str(tmp_path / "r.yaml"), "--out", str(out), "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["calibration"]["n_steps"] == 3 and rep["calibration"]["n_train"] + rep["calibration"]["n_val"] == 3 * 8  # CFG rows
+    assert 0 < rep["metrics"]["noise_mse"] and 0 <= rep["metrics"]["sample_mse_vs_fp"] < 0.5
+    loaded, sched, _ = gaq.load_quantized(str(out))
+    assert type(loaded).__name__ == "UNet2DConditionModel" and sched["_class_name"] == "EulerDiscreteScheduler"
+    assert loaded.gaq_info.held_out.t.dtype == torch.float32  # Euler's float timesteps, kept
+    onnx_out = tmp_path / "unet" / "model.onnx"
+    assert main(["export", str(out), "--out", str(onnx_out), "--check-samples", "6", "--quiet"]) == 0
+    assert (onnx_out.parent / "config.json").exists()
+    # an unknown scheduler name is an error, never a substitution; a missing prompts file too
+    for bad, msg in (("sampler.kind=NopeScheduler", "no scheduler 'NopeScheduler'"), ("calibration.prompts=", "calibration.prompts must name")):
+        assert main(["quantize", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o2"), "--quiet", "--set", bad]) == 2
+        assert not (tmp_path / "o2").exists()

@@ -5,6 +5,7 @@ embedding, self-attention at the 8x8 level, and skip concatenations on the up pa
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -34,8 +35,8 @@ def build_unet(config: dict[str, Any] | None = None):
 
 
 def load_unet(path: str | None = None):
-    """Load a UNet2DModel saved by ``gaq train`` (config.json + diffusion_pytorch_model.safetensors)."""
-    from diffusers import UNet2DModel
+    """Load a diffusers UNet folder (config.json + weights; the class from its ``_class_name``)."""
+    import diffusers
 
     path = path or EMBEDDED_MODEL_DIR
     if not os.path.isdir(path):
@@ -43,9 +44,13 @@ def load_unet(path: str | None = None):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model path has no config.json (not a diffusers model folder): {path}")
     try:
-        model = UNet2DModel.from_pretrained(path)
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            name = json.load(f).get("_class_name", "UNet2DModel")
+        if name not in ("UNet2DModel", "UNet2DConditionModel"):
+            raise ValueError(f"{name} is not a UNet class gaq quantizes (UNet2DModel, UNet2DConditionModel)")
+        model = getattr(diffusers, name).from_pretrained(path)
     except Exception as e:  # diffusers raises OSError, ValueError, JSON and safetensors errors for a bad folder
         reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise ValueError(f"{path}: diffusers cannot load a UNet2DModel from it ({reason})") from None
+        raise ValueError(f"{path}: diffusers cannot load a UNet from it ({reason})") from None
     model.eval()
     return model

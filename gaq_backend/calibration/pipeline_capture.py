@@ -1,0 +1,108 @@
+"""Calibration capture and report images through the user's own diffusers pipeline (a ``model_index.json``
+folder): the pipeline runs as it would for the user, with the recipe's prompts (or class labels),
+guidance scale, size and scheduler, while the recorder keeps what its UNet sees.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..utils.cache import prepare_cache_dir, read_entry, write_entry
+from .capture import check_finite, model_fingerprint
+from .recorder import Recorder, calibration_from_tensors
+
+CACHE_FORMAT = 1
+
+
+def read_prompts(path: str) -> list[str]:
+    if not path:
+        raise ValueError("calibration.prompts must name a text file of prompts (one a line) for a pipeline with a text encoder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [ln.strip() for ln in f if ln.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"calibration.prompts {path}: not UTF-8 text") from None
+    if not prompts:
+        raise ValueError(f"calibration.prompts {path}: no prompt in it")
+    return prompts
+
+
+def _call_kwargs(pipe: Any, recipe, n: int, seed: int) -> list[dict]:
+    """One pipeline call per batch of ``calibration.batch_size`` images, each image with its own seeded generator."""
+    cal = recipe.calibration
+    base: dict = dict(num_inference_steps=recipe.sampler.num_inference_steps)
+    if getattr(pipe, "text_encoder", None) is not None:
+        prompts = read_prompts(cal.prompts)
+        per_image = [{"prompt": prompts[i % len(prompts)]} for i in range(n)]
+        base["guidance_scale"] = cal.guidance_scale
+    elif cal.class_labels:
+        per_image = [{"class_labels": cal.class_labels[i % len(cal.class_labels)]} for i in range(n)]
+    else:
+        raise ValueError(f"{type(pipe).__name__} takes neither prompts nor class labels gaq knows how to pass")
+    if cal.height or cal.width:
+        base.update(height=cal.height or None, width=cal.width or None)
+    if "eta" in _parameters(pipe):
+        base["eta"] = recipe.sampler.eta
+    calls = []
+    for b0 in range(0, n, cal.batch_size):
+        items = per_image[b0: b0 + cal.batch_size]
+        kw = {k: [it[k] for it in items] for k in items[0]}
+        calls.append(dict(base, **kw, generator=[torch.Generator().manual_seed(seed + b0 + i) for i in range(len(items))]))
+    return calls
+
+
+def _parameters(pipe: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(type(pipe).__call__).parameters)
+
+
+def use_scheduler(pipe: Any, recipe) -> None:
+    """Put the scheduler ``sampler.kind`` names into the pipeline (``pipeline``: keep its own)."""
+    from ..models.loading import make_scheduler_for
+
+    if recipe.sampler.kind != "pipeline":
+        pipe.scheduler = make_scheduler_for(recipe.sampler.kind, dict(pipe.scheduler.config), pipe)
+
+
+def capture_from_pipeline(pipe: Any, recipe, progress: bool = True):
+    """``n_per_step`` images through the pipeline; every ``interval``-th of its timesteps is recorded."""
+    cal = recipe.calibration
+    use_scheduler(pipe, recipe)
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(recipe.sampler.num_inference_steps)
+    kept = {float(t) for t in sched.timesteps[::cal.interval]}
+    calls = _call_kwargs(pipe, recipe, cal.n_per_step, cal.seed)
+    settings = dict(format=CACHE_FORMAT, model=model_fingerprint(pipe.unet), scheduler=dict(pipe.scheduler.config),
+                    calls=[{k: v for k, v in c.items() if k != "generator"} for c in calls], seed=cal.seed, interval=cal.interval,
+                    prompts=read_prompts(cal.prompts) if cal.prompts else [], pipeline=type(pipe).__name__)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    path = os.path.join(prepare_cache_dir(cal.cache_dir, "calibration.cache_dir"), f"calib-pipe-{key}.safetensors")
+    entry = read_entry(path)
+    if entry is not None:
+        raw = {k: torch.from_numpy(v) for k, v in entry.items()}
+    else:
+        # CFG doubles the rows of each call: keep them all (up to the reservoir bound)
+        recorder = Recorder(pipe.unet, max_per_step=2 * cal.n_per_step, seed=cal.seed, keep=kept.__contains__)
+        with recorder, torch.no_grad():
+            for kw in calls:
+                pipe(**kw, output_type="latent")
+        raw = recorder.tensors()
+        check_finite(raw)
+        write_entry(path, {k: v.numpy() for k, v in raw.items()})
+    return calibration_from_tensors(raw, cal.val_fraction, cal.n_groups, cal.seed), entry is not None
+
+
+@torch.no_grad()
+def pipeline_images(pipe: Any, recipe, n: int, seed: int) -> torch.Tensor:
+    """``n`` images (N, C, H, W) in [-1, 1] from the pipeline, the recipe's conditioning, seeds ``seed + i``."""
+    out = []
+    for kw in _call_kwargs(pipe, recipe, n, seed):
+        images = pipe(**kw, output_type="np").images  # (B, H, W, C) in [0, 1]
+        out.append(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2) * 2 - 1)
+    return torch.cat(out).float()

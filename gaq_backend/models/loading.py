@@ -1,0 +1,76 @@
+"""Load what a recipe's ``model:`` names, once: the embedded model, a diffusers UNet folder, or a diffusers
+pipeline folder (``model_index.json``; the UNet is its ``unet`` component), and the scheduler to sample with.
+
+``sampler.kind`` picks the scheduler: ``ddim`` (gaq's DDIM loop over the model's noise schedule, as the
+embedded recipes use), ``pipeline`` (the folder's own scheduler class and config), or a diffusers scheduler
+class name built from the folder's scheduler config. A name diffusers does not have is an error; nothing
+is silently substituted.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .embedded import EMBEDDED_MODEL_DIR, load_unet
+
+
+@dataclass
+class LoadedModel:
+    unet: torch.nn.Module
+    scheduler_config: dict
+    pipeline: Any | None = None   # a diffusers DiffusionPipeline when the folder is one
+    path: str = ""
+
+
+def resolve_model_path(model: str) -> str:
+    return EMBEDDED_MODEL_DIR if model == "embedded" else model
+
+
+def _read_scheduler_config(path: str) -> dict:
+    for p in (os.path.join(path, "scheduler_config.json"), os.path.join(path, "scheduler", "scheduler_config.json")):
+        if os.path.isfile(p):
+            try:
+                with open(p, encoding="utf-8") as f:
+                    cfg = json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{p}: not a JSON scheduler config ({e})") from None
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{p}: not a JSON scheduler config (a {type(cfg).__name__}, not an object)")
+            return cfg
+    raise FileNotFoundError(f"model folder has no scheduler_config.json: {path}")
+
+
+def load_model(model: str) -> LoadedModel:
+    """The UNet (loaded once) and the scheduler config of ``model``; the pipeline too for a pipeline folder."""
+    path = resolve_model_path(model)
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(path)
+        except Exception as e:  # diffusers / transformers raise many types for a broken folder
+            raise ValueError(f"{path}: diffusers cannot load this pipeline ({' '.join(str(e).split())[:200]})") from None
+        if getattr(pipe, "unet", None) is None:
+            raise ValueError(f"{path}: the pipeline has no 'unet' component (gaq quantizes UNets)")
+        pipe.set_progress_bar_config(disable=True)
+        return LoadedModel(pipe.unet.eval(), dict(pipe.scheduler.config), pipe, path)
+    unet = load_unet(path)
+    return LoadedModel(unet, _read_scheduler_config(path), None, path)
+
+
+def make_scheduler_for(kind: str, scheduler_config: dict, pipeline: Any | None = None):
+    """The scheduler ``sampler.kind`` names, built from the model folder's scheduler config."""
+    import diffusers
+
+    if kind == "pipeline":
+        name = scheduler_config.get("_class_name") or (type(pipeline.scheduler).__name__ if pipeline is not None else "")
+    else:
+        name = "DDIMScheduler" if kind == "ddim" else kind
+    cls = getattr(diffusers, name, None)
+    if cls is None or not isinstance(cls, type) or not name.endswith("Scheduler"):
+        raise ValueError(f"sampler.kind: diffusers has no scheduler {name!r}")
+    return cls.from_config(scheduler_config)

@@ -62,9 +62,8 @@ def _work_file(work_dir: str, name: str) -> str:
 
 def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bool) -> tuple[list[dict], list[dict]]:
     """Export every variant once into ``work_dir``; returns (variants, refusals)."""
+    from gaq_backend.models.loading import load_model, resolve_model_path
     from gaq_backend.serialization import read_output_configs
-    from gaq_backend.models import load_unet
-    from gaq_backend.pipeline import resolve_model_path
 
     from .validate import parity_inputs
 
@@ -74,6 +73,9 @@ def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bo
     bases: set[str] = set()
     folders = [(d, *read_output_configs(d)) for d in dirs]  # every folder and work file checked before any work
     for d, _, recipe in folders:
+        base = resolve_model_path(recipe.model)
+        if recipe.model == "user" or os.path.isfile(os.path.join(base, "model_index.json")):
+            raise ValueError(f"{d}: gaq bench times UNets quantized from a bare model folder (its recipe's model is {recipe.model!r})")
         tag = os.path.basename(os.path.normpath(resolve_model_path(recipe.model)))
         for name in (f"{tag}-fp32.onnx", f"{tag}-fp16.onnx", f"{tag}-quantize_static-w8a8.onnx",
                      f"{os.path.basename(os.path.normpath(d))}-int8.onnx", f"{os.path.basename(os.path.normpath(d))}-int4.onnx"):
@@ -83,7 +85,7 @@ def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bo
         if base not in bases:
             bases.add(base)
             tag = os.path.basename(os.path.normpath(base))
-            fp = load_unet(base)
+            fp = load_model(recipe.model, recipe.model_options).unet
             shape = [fp.config.in_channels, fp.config.sample_size, fp.config.sample_size]
             # opset 20: onnxruntime 1.31's Q/DQ propagation breaks quantize_static's graph at opset 21
             fp32 = export_fp(fp, _work_file(work_dir, f"{tag}-fp32.onnx"), opset=20)

@@ -269,8 +269,10 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
     from .validate import held_out_inputs, parity_inputs, validate
 
     check_onnx_out(out, overwrite)
-    config_path = os.path.join(os.path.dirname(os.path.abspath(out)), "config.json")
-    check_output_file(config_path, overwrite, _is_gaq_unet_config, flag="--out (the config.json beside it)")
+    # Optimum's layout (unet/model.onnx) needs the diffusers config beside the file; other names get none
+    config_path = os.path.join(os.path.dirname(os.path.abspath(out)), "config.json") if os.path.basename(out) == "model.onnx" else None
+    if config_path:
+        check_output_file(config_path, False, _is_gaq_unet_config, flag="--out (the config.json beside it)")
     unet, sched_cfg, recipe = load_quantized(folder)
     qcfg = recipe.quant_config()
     with open(os.path.join(folder, "recipe.yaml")) as f:
@@ -283,10 +285,14 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
         raise ValueError(f"--weights int4 cannot hold W{qcfg.w_bits} weights; use --weights int8")
     model = build_quantized_onnx(unet, weights, opset, meta)
     x, t, cond = held_out_inputs(unet, check_samples) or parity_inputs(recipe, sched_cfg, check_samples, progress)
+    extra = sorted(set(cond) - set(COND_INPUTS))
+    if extra:
+        raise ValueError(f"the UNet was calibrated with inputs outside the exported contract ({', '.join(extra)}); "
+                         "the ONNX graph could not take them")
     parity = save_model_atomic(model, out, external_data, check=lambda path: validate(path, unet, x, t, cond), overwrite=overwrite)
-    # Optimum loads a UNet folder only with its diffusers config beside model.onnx
-    write_json(config_path, {"_class_name": type(unet).__name__, "_gaq_export": os.path.basename(out),
-                             **{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}})
+    if config_path:
+        write_json(config_path, {"_class_name": type(unet).__name__, "_gaq_export": os.path.basename(out),
+                                 **{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}})
     ops = Counter(n.op_type for n in model.graph.node)
     return ExportResult(out, weights, opset, ops["QuantizeLinear"], ops["DequantizeLinear"], file_mb(out), parity)
 

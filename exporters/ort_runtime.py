@@ -62,6 +62,8 @@ def predict_noise(session, x: np.ndarray, t: np.ndarray, batch_size: int = 64, c
     ``cond`` (by recorded or ONNX name, N rows each). Rows are grouped by timestep: each call feeds one
     rank-0 timestep, as a pipeline does (the exported contract, exporters/signature.py)."""
     declared = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
+    if declared.get("timestep") in (np.int64, np.int32):
+        raise ValueError("this ONNX file was exported by an older gaq (an integer timestep per row); export it again with gaq export")
     cond = {onnx_input_name(k): np.asarray(v) for k, v in (cond or {}).items()}
     missing = sorted(set(declared) - {"sample", "timestep"} - set(cond))
     if missing:

@@ -46,9 +46,13 @@ def example_inputs(unet: nn.Module, batch: int = 2, sequence: int = 8) -> tuple[
     cfg = unet.config
     c, s = cfg.in_channels, cfg.sample_size
     s = s if isinstance(s, int) else s[0]
-    out = [torch.zeros(batch, c, s, s), torch.tensor(500.0)]
+    held = getattr(getattr(unet, "gaq_info", None), "held_out", None)
+    out = [torch.zeros(batch, *held.x.shape[1:]) if held is not None else torch.zeros(batch, c, s, s), torch.tensor(500.0)]
     for name in cond_inputs(unet):
-        if name == "encoder_hidden_states":
+        if held is not None and name in held.cond:  # the recorded shapes and dtypes (e.g. the refiner's 5 time ids)
+            v = held.cond[name]
+            out.append(torch.zeros(batch, *v.shape[1:], dtype=torch.long if not v.is_floating_point() else torch.float32))
+        elif name == "encoder_hidden_states":
             out.append(torch.zeros(batch, sequence, cfg.cross_attention_dim))
         elif name.endswith("text_embeds"):
             out.append(torch.zeros(batch, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim))
@@ -62,7 +66,7 @@ def example_inputs(unet: nn.Module, batch: int = 2, sequence: int = 8) -> tuple[
 
 
 def dynamic_axes(unet: nn.Module) -> dict[str, dict[int, str]]:
-    axes = {"sample": {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    axes = {"sample": {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
     for name in cond_inputs(unet):
         axes[COND_INPUTS[name]] = {0: "batch", 1: "sequence"} if name == "encoder_hidden_states" else {0: "batch"}
     return axes

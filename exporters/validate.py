@@ -48,12 +48,11 @@ def parity_inputs(recipe, scheduler_config: dict, n: int, progress: bool = True)
     """``n`` held-out calibration inputs ``(x_t, t)`` spread evenly over the validation split (all timestep
     groups), captured again with the recipe (for folders written before held-out inputs were saved)."""
     from gaq_backend.calibration import capture_calibration
-    from gaq_backend.models import load_unet
-    from gaq_backend.pipeline import resolve_model_path
+    from gaq_backend.models.loading import load_model
 
     if n < 1:
         raise ValueError(f"--check-samples must be at least 1; got {n}")
-    fp = load_unet(resolve_model_path(recipe.model))
+    fp = load_model(recipe.model, recipe.model_options).unet
     calib, _ = capture_calibration(fp, scheduler_config, recipe.sampler, recipe.calibration, progress)
     val = calib.val
     idx = torch.linspace(0, len(val) - 1, min(n, len(val))).round().long()

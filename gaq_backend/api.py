@@ -70,8 +70,17 @@ def record(model: nn.Module, config: QuantConfig, forward_loop: Callable[[nn.Mod
     return finish_recording(recorder, config)
 
 
+def check_config(config: QuantConfig) -> None:
+    if config.algorithm is None:
+        raise ConfigError("QuantConfig.algorithm is not set (e.g. QuantConfig(algorithm=MinMaxConfig()))")
+    spec = get_algorithm(config.algorithm.name)
+    if not isinstance(config.algorithm, spec.config_cls):
+        raise ConfigError(f"algorithm {spec.name!r} needs a {spec.config_cls.__name__}, got {type(config.algorithm).__name__}")
+
+
 def check_quantizable(model: nn.Module) -> None:
-    """Refuse, in one line, UNets whose quantization would silently be wrong."""
+    """Refuse, in one line, UNets whose quantization would silently be wrong (and drop the unused fused
+    projections that diffusers' ``unfuse_qkv_projections`` leaves behind)."""
     from .wrapping import QuantLayerMixin
 
     if type(model).__name__ == "OptimizedModule":
@@ -79,8 +88,12 @@ def check_quantizable(model: nn.Module) -> None:
     if hasattr(model, "gaq_info") or any(isinstance(m, QuantLayerMixin) for m in model.modules()):
         raise ConfigError("this UNet is already quantized by gaq; load the FP model again")
     for name, m in model.named_modules():
-        if hasattr(m, "to_qkv") or hasattr(m, "to_kv") or getattr(m, "fused_projections", False):
+        if type(getattr(m, "processor", None)).__name__.startswith("Fused"):
             raise ConfigError(f"fused QKV projections at {name}: call unet.unfuse_qkv_projections() before quantizing")
+        for stale in ("to_qkv", "to_kv"):  # diffusers' unfuse leaves the fused layers behind, unused: drop them
+            if hasattr(m, stale) and getattr(m, "processor", None) is not None:
+                delattr(m, stale)
+                m.fused_projections = False
         lora = getattr(m, "lora_A", None)
         if (isinstance(lora, nn.ModuleDict) and len(lora)) or getattr(m, "lora_layer", None) is not None:
             raise ConfigError(f"LoRA layer at {name}: fuse the LoRA weights first (pipe.fuse_lora(); pipe.unload_lora_weights())")
@@ -95,11 +108,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
     dicts. The result is a fake-quant model whose integer weights are fixed (``layer.weight_int``) and
     whose activation ranges are calibrated; ``model.gaq_info`` records what was wrapped and kept.
     """
-    if config.algorithm is None:
-        raise ConfigError("QuantConfig.algorithm is not set (e.g. QuantConfig(algorithm=MinMaxConfig()))")
-    spec = get_algorithm(config.algorithm.name)
-    if not isinstance(config.algorithm, spec.config_cls):
-        raise ConfigError(f"algorithm {spec.name!r} needs a {spec.config_cls.__name__}, got {type(config.algorithm).__name__}")
+    check_config(config)
     if (forward_loop is None) == (calibration is None):
         raise ConfigError("give exactly one of calibration= (CalibrationSet, nncf.Dataset or iterable of input dicts) and forward_loop=")
     check_quantizable(model)
@@ -119,6 +128,7 @@ def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: Calibr
     model.requires_grad_(False)
     stats = spec.run(model, config, calibration, fp_model=fp_model, progress=progress)
     freeze_weights(model)
-    val = calibration.val
-    model.gaq_info = QuantizationInfo(config, report, stats or {}, val.subset(torch.arange(min(len(val), 64))))
+    val = calibration.val  # up to 64 held-out inputs spread over all timesteps, for the export parity check
+    pick = torch.linspace(0, len(val) - 1, min(len(val), 64)).round().long().unique()
+    model.gaq_info = QuantizationInfo(config, report, stats or {}, val.subset(pick))
     return model

@@ -11,6 +11,7 @@ import torch
 from . import __version__
 from .api import quantize
 from .calibration import capture_calibration
+from .calibration.capture import class_conditioning
 from .config import ConfigError
 from .evaluation import noise_mse, save_grid, side_by_side, to_uint8
 from .evaluation.images import grid
@@ -28,9 +29,9 @@ from .wrapping.wrap import check_keep_fp
 OUTPUT_FILES = (*FOLDER_FILES, "samples.png", "report.json")  # plus an algorithm's artifacts
 
 
-def load_model_and_scheduler(model: str) -> tuple[torch.nn.Module, dict]:
+def load_model_and_scheduler(model: str, options=None) -> tuple[torch.nn.Module, dict]:
     """(UNet, scheduler config) of a recipe's ``model:`` (see :func:`gaq_backend.models.loading.load_model`)."""
-    loaded = load_model(model)
+    loaded = load_model(model, options)
     return loaded.unet, loaded.scheduler_config
 
 
@@ -38,10 +39,10 @@ def preflight(recipe: Recipe, loaded: LoadedModel) -> None:
     """Checks that need the model, run before any long work: each failure is one line naming the key."""
     unet, sched_cfg = loaded.unet, loaded.scheduler_config
     if loaded.pipeline is None:
-        needs = [k for k in ("cross_attention_dim", "num_class_embeds", "class_embed_type") if getattr(unet.config, k, None)]
-        if needs:
-            raise ConfigError(f"{loaded.path}: this UNet needs conditioning ({needs[0]}); give the pipeline folder "
+        if getattr(unet.config, "cross_attention_dim", None):
+            raise ConfigError(f"{loaded.path}: this UNet needs text conditioning; give the pipeline folder "
                               "(model_index.json) as model:, or quantize it from Python with your own loop (README)")
+        class_conditioning(unet, recipe.calibration.class_labels, 1)
         if recipe.sampler.kind != "ddim":
             raise ConfigError(f"sampler.kind {recipe.sampler.kind!r}: a bare UNet folder is sampled with gaq's DDIM loop "
                               "(kind: ddim); other schedulers need a pipeline folder")
@@ -51,6 +52,9 @@ def preflight(recipe: Recipe, loaded: LoadedModel) -> None:
         make_scheduler_for(recipe.sampler.kind, sched_cfg, loaded.pipeline)
         if getattr(loaded.pipeline, "text_encoder", None) is not None:
             read_prompts(recipe.calibration.prompts)
+        elif not recipe.calibration.class_labels:
+            raise ConfigError(f"{loaded.path}: {type(loaded.pipeline).__name__} takes no prompts and calibration.class_labels "
+                              "is empty; for an unconditional UNet give model: {path: DIR, subfolder: unet}")
     n_train = int(sched_cfg.get("num_train_timesteps", 1000))
     if recipe.sampler.num_inference_steps > n_train:
         raise ConfigError(f"sampler.num_inference_steps must be at most the scheduler's num_train_timesteps ({n_train}); "
@@ -77,7 +81,8 @@ def _report_images(loaded: LoadedModel, recipe: Recipe, label: str, progress: bo
         return pipeline_images(loaded.pipeline, recipe, rep.num_samples, rep.seed)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     return ddim_sample(unet, loaded.scheduler_config, recipe.sampler, initial_noise(rep.num_samples, shape, rep.seed), rep.batch_size,
-                       progress=f"sample {label}" if progress else False, seed=rep.seed)
+                       progress=f"sample {label}" if progress else False, seed=rep.seed,
+                       cond=class_conditioning(unet, recipe.calibration.class_labels, rep.num_samples))
 
 
 def output_protect(recipe: Recipe, recipe_path: str | None = None) -> list[str]:
@@ -95,7 +100,7 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
     check_output_dir(out_dir, "quantized", overwrite, protect, files=OUTPUT_FILES)
     if not dry_run:
         prepare_cache_dir(recipe.calibration.cache_dir, "calibration.cache_dir")
-    loaded = load_model(recipe.model)
+    loaded = load_model(recipe.model, recipe.model_options)
     unet, sched_cfg, pipe = loaded.unet, loaded.scheduler_config, loaded.pipeline
     preflight(recipe, loaded)
     if dry_run:

@@ -28,8 +28,16 @@ class ReportConfig(GaqBaseConfig):
 
 
 @dataclass
+class ModelOptions(GaqBaseConfig):
+    """``model: {path: DIR, subfolder: unet, variant: fp16}`` (a plain ``model: DIR`` has none)."""
+    section: ClassVar[str] = "model"
+    subfolder: str = ""     # a UNet inside a larger folder (bare UNet loading only)
+    variant: str = ""       # diffusers weight variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)
+
+
+@dataclass
 class Recipe:
-    model: str                  # "embedded" or a diffusers UNet2DModel folder with scheduler_config.json
+    model: str                  # "embedded", a diffusers pipeline folder, or a UNet folder (see models/loading.py)
     algorithm: str
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -37,6 +45,7 @@ class Recipe:
     settings: AlgorithmConfig | None = None
     report: ReportConfig = field(default_factory=ReportConfig)
     name: str = ""
+    model_options: ModelOptions = field(default_factory=ModelOptions)
 
     def check(self) -> None:
         """Rules that span sections (each section checks its own keys when built)."""
@@ -52,7 +61,8 @@ class Recipe:
         return dataclasses.replace(self.quantization, algorithm=self.settings, calibration=self.calibration)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dict(name=self.name, model=self.model, algorithm=self.algorithm, sampler=self.sampler.to_dict(),
+        opts = {k: v for k, v in self.model_options.to_dict().items() if v}
+        d = dict(name=self.name, model=dict(path=self.model, **opts) if opts else self.model, algorithm=self.algorithm, sampler=self.sampler.to_dict(),
                  calibration=self.calibration.to_dict(), report=self.report.to_dict())
         q = self.quantization.to_dict()
         q.pop("algorithm", None)
@@ -138,7 +148,17 @@ def recipe_from_dict(data: Any) -> Recipe:
     for key, home in (("algorithm", "the top-level key 'algorithm'"), ("calibration", "the section 'calibration'")):
         if isinstance(data.get("quantization"), dict) and key in data["quantization"]:
             raise ConfigError(f"unknown key 'quantization.{key}' (it is {home})")
-    recipe = from_dict(Recipe, data, "", skip=("settings",))
+    options = ModelOptions()
+    if "model_options" in data:
+        raise ConfigError("unknown key 'model_options' (write model: {path: DIR, subfolder: ..., variant: ...})")
+    if isinstance(data.get("model"), dict):
+        spec_ = dict(data["model"])
+        if "path" not in spec_:
+            raise ConfigError("missing required key 'model.path'")
+        data["model"] = spec_.pop("path")
+        options = from_dict(ModelOptions, spec_, "model")
+    recipe = from_dict(Recipe, data, "", skip=("settings", "model_options"))
+    recipe.model_options = options
     recipe.settings = settings
     recipe.check()
     return recipe

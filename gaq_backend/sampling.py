@@ -38,8 +38,10 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_sample(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerConfig, noise: torch.Tensor,
-                batch_size: int = 256, on_step: StepHook | None = None, progress: bool | str = True, seed: int = 0) -> torch.Tensor:
+                batch_size: int = 256, on_step: StepHook | None = None, progress: bool | str = True, seed: int = 0,
+                cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Run the DDIM loop from ``noise``; ``on_step(i, t, x_t, eps)`` sees every UNet call (batched).
+    ``cond``: other forward inputs, one row per image (e.g. ``class_labels``).
 
     Deterministic: eta = 0 needs no randomness; otherwise the variance noise comes from ``seed``.
     """
@@ -55,7 +57,7 @@ def ddim_sample(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerC
         sched = make_scheduler(scheduler_config, sampler)
         for i, t in enumerate(sched.timesteps):
             tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
-            eps = unet_forward(unet, x, tt)
+            eps = unet_forward(unet, x, tt, {k: v[b0: b0 + batch_size] for k, v in (cond or {}).items()})
             if on_step is not None:
                 on_step(i, tt, x, eps)
             x = sched.step(eps, t, x, eta=sampler.eta, generator=gen).prev_sample

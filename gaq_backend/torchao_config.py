@@ -16,7 +16,7 @@ from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from .api import check_quantizable, finish_recording, new_recorder, quantize_recorded
+from .api import check_config, check_quantizable, finish_recording, new_recorder, quantize_recorded
 from .config import ConfigError, QuantConfig
 
 
@@ -44,13 +44,13 @@ def _gaq_transform(module: nn.Module, config: GAQConfig) -> nn.Module:
         raise ConfigError(f"GAQConfig applies to a whole diffusers UNet; the filter selected a {type(module).__name__} "
                           "(use filter_fn=gaq_backend.unet_root or lambda m, fqn: fqn == '')")
     if config.step == "prepare":
-        if config.config.algorithm is None:
-            raise ConfigError("QuantConfig.algorithm is not set (e.g. QuantConfig(algorithm=MinMaxConfig()))")
+        check_config(config.config)
         check_quantizable(module)
         if getattr(module, "_gaq_recorder", None) is not None:
             raise ConfigError("GAQConfig(step='prepare') was already applied to this UNet; run step='convert' next")
         recorder = new_recorder(module, config.config)
         recorder.__enter__()
+        module.eval()  # recorded as the other front doors record: no dropout
         module._gaq_recorder = recorder
         return module
     recorder = getattr(module, "_gaq_recorder", None)

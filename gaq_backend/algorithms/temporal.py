@@ -105,7 +105,7 @@ def calibrate_temporal(model: nn.Module, config: QuantConfig, calib: Calibration
         install_timestep_hook(model)
         t0 = time.perf_counter()
         set_quant_state(model, weight=True, act=True)
-        stats["temporal_block"] = reconstruct_tib(model, fp_model, layers, calib.timesteps.long(), cfg, config.a_bits,
+        stats["temporal_block"] = reconstruct_tib(model, fp_model, layers, calib.timesteps.float(), cfg, config.a_bits,
                                                   torch.Generator().manual_seed(cfg.seed + 1))
         stats["temporal_block"]["seconds"] = time.perf_counter() - t0
     else:

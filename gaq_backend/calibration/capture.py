@@ -61,6 +61,21 @@ class CalibrationSet:
         check_finite(dict(x=self.x, eps=self.eps, t=self.t))
 
 
+def class_conditioning(unet: torch.nn.Module, class_labels: list[int], n: int) -> dict[str, torch.Tensor]:
+    """``class_labels`` input for ``n`` images cycling through the recipe's labels (none for unconditional UNets)."""
+    needs = bool(getattr(unet.config, "num_class_embeds", None) or getattr(unet.config, "class_embed_type", None))
+    if needs and not class_labels:
+        raise ValueError("this UNet is class-conditional: set calibration.class_labels (e.g. [0, 1, 2]) to sample it")
+    if not needs:
+        if class_labels:
+            raise ValueError("calibration.class_labels is set, but this UNet takes no class labels")
+        return {}
+    n_classes = getattr(unet.config, "num_class_embeds", None)
+    if n_classes and max(class_labels) >= n_classes:
+        raise ValueError(f"calibration.class_labels must be below num_class_embeds={n_classes}; got {max(class_labels)}")
+    return {"class_labels": torch.tensor([class_labels[i % len(class_labels)] for i in range(n)])}
+
+
 def check_finite(data: dict[str, torch.Tensor]) -> None:
     """Refuse calibration inputs or FP outputs with NaN or Inf, naming the first bad sample."""
     for name in ("x", "eps"):
@@ -83,7 +98,7 @@ def split_and_group(step: torch.Tensor, t: torch.Tensor, val_fraction: float, n_
         if n_val >= len(idx):
             raise ValueError(f"calibration step {s} has {len(idx)} samples, too few to hold out {n_val} for validation")
         is_val[idx[torch.randperm(len(idx), generator=gen)[:n_val]]] = True
-    t_of_step = {s: int(t[step == s][0]) for s in steps}
+    t_of_step = {s: float(t[step == s][0]) for s in steps}
     by_t = sorted(steps, key=lambda s: t_of_step[s])
     if n_groups > len(by_t):
         raise ValueError(f"n_groups={n_groups} exceeds the {len(by_t)} recorded steps; lower calibration.n_groups or calibration.interval")
@@ -105,6 +120,8 @@ def model_fingerprint(unet: torch.nn.Module) -> str:
 def _cache_key(fingerprint: str, scheduler_config: dict, sampler: SamplerConfig, cfg: CalibrationConfig, shape: tuple) -> str:
     settings = dict(format=CACHE_FORMAT, model=fingerprint, scheduler=scheduler_config, sampler=sampler.to_dict(),
                     n_per_step=cfg.n_per_step, interval=cfg.interval, seed=cfg.seed, shape=list(shape))
+    if cfg.class_labels:
+        settings["class_labels"] = list(cfg.class_labels)
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -115,8 +132,10 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
     Returns the set and whether it came from the cache. The cache is keyed by the model's weights,
     the scheduler, the sampler and the capture settings; split and grouping are recomputed each time.
     """
-    if getattr(unet.config, "num_class_embeds", None) or hasattr(unet.config, "cross_attention_dim"):
-        raise ValueError("calibration capture supports unconditional UNet2DModel only (this model needs conditioning)")
+    if hasattr(unet.config, "cross_attention_dim"):
+        raise ValueError("gaq's own capture samples unconditional and class-conditional UNet2DModels; give the pipeline "
+                         "folder of a text-conditioned UNet, or use a Python front door with your own loop")
+    cond = class_conditioning(unet, cfg.class_labels, cfg.n_per_step)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     key = _cache_key(model_fingerprint(unet), scheduler_config, sampler, cfg, shape)
     path = os.path.join(prepare_cache_dir(cfg.cache_dir, "calibration.cache_dir"), f"calib-{key}.safetensors")
@@ -132,7 +151,7 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
         unet.eval()
         with recorder:
             ddim_sample(unet, scheduler_config, sampler, initial_noise(cfg.n_per_step, shape, cfg.seed), cfg.batch_size,
-                        progress="capture" if progress else False, seed=cfg.seed)
+                        progress="capture" if progress else False, seed=cfg.seed, cond=cond)
         unet.train(was_training)
         raw = recorder.tensors()
         raw["timesteps"] = sched.timesteps.clone()  # every timestep the sampler visits, for per-timestep ranges

@@ -43,7 +43,8 @@ def _call_kwargs(pipe: Any, recipe, n: int, seed: int) -> list[dict]:
     elif cal.class_labels:
         per_image = [{"class_labels": cal.class_labels[i % len(cal.class_labels)]} for i in range(n)]
     else:
-        raise ValueError(f"{type(pipe).__name__} takes neither prompts nor class labels gaq knows how to pass")
+        raise ValueError(f"{type(pipe).__name__} takes neither prompts nor class labels gaq knows how to pass; for an "
+                         "unconditional UNet give model: {path: DIR, subfolder: unet}")
     if cal.height or cal.width:
         base.update(height=cal.height or None, width=cal.width or None)
     if "eta" in _parameters(pipe):
@@ -78,7 +79,10 @@ def capture_from_pipeline(pipe: Any, recipe, progress: bool = True):
     sched.set_timesteps(recipe.sampler.num_inference_steps)
     kept = {float(t) for t in sched.timesteps[::cal.interval]}
     calls = _call_kwargs(pipe, recipe, cal.n_per_step, cal.seed)
-    settings = dict(format=CACHE_FORMAT, model=model_fingerprint(pipe.unet), scheduler=dict(pipe.scheduler.config),
+    # every module the calls run (text encoders, VAE, UNet) and the tokenizers' vocabularies key the cache
+    parts = {name: model_fingerprint(c) if isinstance(c, torch.nn.Module) else (type(c).__name__, len(getattr(c, "get_vocab", dict)()))
+             for name, c in pipe.components.items() if c is not None and name != "scheduler"}
+    settings = dict(format=CACHE_FORMAT, model=parts, scheduler=dict(pipe.scheduler.config),
                     calls=[{k: v for k, v in c.items() if k != "generator"} for c in calls], seed=cal.seed, interval=cal.interval,
                     prompts=read_prompts(cal.prompts) if cal.prompts else [], pipeline=type(pipe).__name__)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]

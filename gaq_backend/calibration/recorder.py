@@ -125,8 +125,11 @@ class Recorder:
         cap = self.max_per_step if max_samples is None else max(1, max_samples // len(keys))
         rows, steps = [], []
         for s, k in enumerate(keys):
-            rows += self.rows[k][:cap]
-            steps += [s] * len(self.rows[k][:cap])
+            kept = self.rows[k]
+            if len(kept) > cap:  # a seeded random subset, not the first calls' rows (e.g. one CFG half)
+                kept = [kept[i] for i in sorted(torch.randperm(len(kept), generator=self.gen)[:cap].tolist())]
+            rows += kept
+            steps += [s] * len(kept)
         names = set(rows[0])
         for r in rows:
             if set(r) != names:

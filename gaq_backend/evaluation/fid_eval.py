@@ -92,12 +92,16 @@ def sample_features(unet, sched_cfg: dict, sampler: SamplerConfig, n: int, seed:
 
 def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, steps: int | None = None, batch: int = 250,
                  reference_count: int | None = None, cache_dir: str = ".cache/gaq", progress: bool = True) -> dict[str, Any]:
-    from ..pipeline import load_model_and_scheduler
+    from ..models.loading import load_model
+    from ..recipe import USER_MODEL
     from ..serialization import load_quantized
 
     t_start = time.perf_counter()
     qmodel, sched_cfg, recipe = load_quantized(folder)
-    fp_model, _ = load_model_and_scheduler(recipe.model)
+    if recipe.model == USER_MODEL or any(getattr(qmodel.config, k, None) for k in ("cross_attention_dim", "num_class_embeds", "class_embed_type")):
+        raise ValueError(f"{folder}: gaq eval measures FID of unconditional UNets quantized from a model folder; this one is "
+                         "conditional or was quantized from Python (no base model path)")
+    fp_model = load_model(recipe.model, recipe.model_options).unet
     sampler = SamplerConfig(kind=recipe.sampler.kind, num_inference_steps=steps or recipe.sampler.num_inference_steps, eta=recipe.sampler.eta)
     prepare_cache_dir(cache_dir, "--cache-dir")
     c, s = fp_model.config.in_channels, fp_model.config.sample_size

@@ -34,7 +34,7 @@ def build_unet(config: dict[str, Any] | None = None):
     return UNet2DModel(**(config or embedded_unet_config()))
 
 
-def load_unet(path: str | None = None):
+def load_unet(path: str | None = None, variant: str | None = None):
     """Load a diffusers UNet folder (config.json + weights; the class from its ``_class_name``)."""
     import diffusers
 
@@ -48,7 +48,7 @@ def load_unet(path: str | None = None):
             name = json.load(f).get("_class_name", "UNet2DModel")
         if name not in ("UNet2DModel", "UNet2DConditionModel"):
             raise ValueError(f"{name} is not a UNet class gaq quantizes (UNet2DModel, UNet2DConditionModel)")
-        model = getattr(diffusers, name).from_pretrained(path)
+        model = getattr(diffusers, name).from_pretrained(path, variant=variant)
     except Exception as e:  # diffusers raises OSError, ValueError, JSON and safetensors errors for a bad folder
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise ValueError(f"{path}: diffusers cannot load a UNet from it ({reason})") from None

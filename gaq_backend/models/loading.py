@@ -44,21 +44,23 @@ def _read_scheduler_config(path: str) -> dict:
     raise FileNotFoundError(f"model folder has no scheduler_config.json: {path}")
 
 
-def load_model(model: str) -> LoadedModel:
-    """The UNet (loaded once) and the scheduler config of ``model``; the pipeline too for a pipeline folder."""
+def load_model(model: str, options: Any = None) -> LoadedModel:
+    """The UNet (loaded once) and the scheduler config of ``model``; the pipeline too for a pipeline folder.
+    ``options``: a recipe's :class:`~gaq_backend.recipe.ModelOptions` (subfolder, variant)."""
     path = resolve_model_path(model)
-    if os.path.isfile(os.path.join(path, "model_index.json")):
+    subfolder, variant = (options.subfolder, options.variant) if options is not None else ("", "")
+    if os.path.isfile(os.path.join(path, "model_index.json")) and not subfolder:
         from diffusers import DiffusionPipeline
 
         try:
-            pipe = DiffusionPipeline.from_pretrained(path)
+            pipe = DiffusionPipeline.from_pretrained(path, variant=variant or None)
         except Exception as e:  # diffusers / transformers raise many types for a broken folder
             raise ValueError(f"{path}: diffusers cannot load this pipeline ({' '.join(str(e).split())[:200]})") from None
         if getattr(pipe, "unet", None) is None:
             raise ValueError(f"{path}: the pipeline has no 'unet' component (gaq quantizes UNets)")
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(pipe.unet.eval(), dict(pipe.scheduler.config), pipe, path)
-    unet = load_unet(path)
+    unet = load_unet(os.path.join(path, subfolder) if subfolder else path, variant or None)
     return LoadedModel(unet, _read_scheduler_config(path), None, path)
 
 

@@ -60,7 +60,8 @@ def preflight(recipe: Recipe, loaded: LoadedModel) -> None:
         raise ConfigError(f"sampler.num_inference_steps must be at most the scheduler's num_train_timesteps ({n_train}); "
                           f"got {recipe.sampler.num_inference_steps}")
     check_keep_fp(unet, recipe.quantization.keep_fp)
-    image = unet.config.in_channels * unet.config.sample_size ** 2 * 4
+    size = unet.config.sample_size
+    image = unet.config.in_channels * (size * size if isinstance(size, int) else size[0] * size[1]) * 4
     # the report holds the initial noise, FP and quantized images, and a sampler batch's working set
     check_fits(recipe.report.num_samples * image * 3 + recipe.report.batch_size * image * 200,
                f"{recipe.report.num_samples} report samples", "report.num_samples")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import QuantConfig
-from .utils.io import read_manifest
+from .utils.io import read_json_object, read_manifest
 from .wrapping import quant_layers
 
 WEIGHTS_FILE = "quantized_unet.safetensors"
@@ -127,7 +127,7 @@ def read_output_configs(folder: str) -> tuple[dict, "object"]:
     if missing:
         raise FileNotFoundError(f"{folder} is not a gaq quantized output directory (missing {', '.join(missing)})")
     _check_weights_header(os.path.join(folder, WEIGHTS_FILE))
-    return _read_json(os.path.join(folder, SCHEDULER_FILE)), load_recipe(os.path.join(folder, "recipe.yaml"))
+    return read_json_object(os.path.join(folder, SCHEDULER_FILE)), load_recipe(os.path.join(folder, "recipe.yaml"))
 
 
 def _check_weights_header(path: str) -> None:
@@ -139,17 +139,6 @@ def _check_weights_header(path: str) -> None:
             f.keys()
     except Exception as e:  # safetensors' own error type
         raise ValueError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:160]})") from None
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return d
 
 
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -166,7 +155,7 @@ def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
     from .api import QuantizationInfo, wrap_for_config
 
     sched_cfg, recipe = read_output_configs(folder)
-    raw_cfg = _read_json(os.path.join(folder, UNET_CONFIG_FILE))
+    raw_cfg = read_json_object(os.path.join(folder, UNET_CONFIG_FILE))
     cls_name = raw_cfg.get("_class_name", "UNet2DModel")  # folders written before the class was recorded
     if cls_name not in UNET_CLASSES:
         raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: UNet class {cls_name!r} is not one gaq loads ({', '.join(UNET_CLASSES)})")

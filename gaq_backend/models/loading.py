@@ -8,13 +8,13 @@ is silently substituted.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..utils.io import read_json_object
 from .embedded import EMBEDDED_MODEL_DIR, load_unet
 
 
@@ -33,14 +33,7 @@ def resolve_model_path(model: str) -> str:
 def _read_scheduler_config(path: str) -> dict:
     for p in (os.path.join(path, "scheduler_config.json"), os.path.join(path, "scheduler", "scheduler_config.json")):
         if os.path.isfile(p):
-            try:
-                with open(p, encoding="utf-8") as f:
-                    cfg = json.load(f)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ValueError(f"{p}: not a JSON scheduler config ({e})") from None
-            if not isinstance(cfg, dict):
-                raise ValueError(f"{p}: not a JSON scheduler config (a {type(cfg).__name__}, not an object)")
-            return cfg
+            return read_json_object(p)
     raise FileNotFoundError(f"model folder has no scheduler_config.json: {path}")
 
 

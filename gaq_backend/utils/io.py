@@ -240,6 +240,18 @@ def check_output_file(path: str, overwrite: bool = False, owned: Callable[[str],
     return path
 
 
+def read_json_object(path: str) -> dict:
+    """A JSON object from ``path``; a one-line ``ValueError`` naming the file if it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(d).__name__}")
+    return d
+
+
 def write_json(path: str, obj: Any) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:

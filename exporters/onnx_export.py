@@ -265,6 +265,8 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
                      external_data: bool | None = None, progress: bool = True, overwrite: bool = False) -> ExportResult:
     """Export a ``gaq quantize`` output directory to ``out``; validate before writing; return what was done."""
     from gaq_backend import __version__, load_quantized
+    from gaq_backend.sampling import model_dtype
+    from gaq_backend.serialization import cast_model_weights
 
     from .validate import held_out_inputs, parity_inputs, validate
 
@@ -274,17 +276,23 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
     if config_path:
         check_output_file(config_path, False, _is_gaq_unet_config, flag="--out (the config.json beside it)")
     unet, sched_cfg, recipe = load_quantized(folder)
+    source_dtype = model_dtype(unet)
+    if source_dtype != torch.float32:
+        # the graph computes in float32 with the same integers and scales (half-precision FP weights are exact in float32)
+        cast_model_weights(unet, torch.float32)
     qcfg = recipe.quant_config()
     with open(os.path.join(folder, "recipe.yaml")) as f:
         recipe_text = f.read()
     meta = {"gaq.version": __version__, "gaq.algorithm": recipe.algorithm, "gaq.w_bits": str(qcfg.w_bits),
             "gaq.a_bits": str(qcfg.a_bits), "gaq.recipe": recipe_text, "gaq.scheduler_config": sched_cfg,
             "gaq.sampler": recipe.sampler.to_dict(),
-            "gaq.sample_shape": [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size]}
+            "gaq.sample_shape": [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size],
+            "gaq.source_dtype": str(source_dtype).replace("torch.", "")}
     if weights == "int4" and qcfg.w_bits > 4:
         raise ValueError(f"--weights int4 cannot hold W{qcfg.w_bits} weights; use --weights int8")
     model = build_quantized_onnx(unet, weights, opset, meta)
     x, t, cond = held_out_inputs(unet, check_samples) or parity_inputs(recipe, sched_cfg, check_samples, progress)
+    x, cond = x.float(), {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
     extra = sorted(set(cond) - set(COND_INPUTS))
     if extra:
         raise ValueError(f"the UNet was calibrated with inputs outside the exported contract ({', '.join(extra)}); "

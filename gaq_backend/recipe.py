@@ -8,7 +8,7 @@ import copy
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -33,6 +33,7 @@ class ModelOptions(GaqBaseConfig):
     section: ClassVar[str] = "model"
     subfolder: str = ""     # a UNet inside a larger folder (bare UNet loading only)
     variant: str = ""       # diffusers weight variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)
+    dtype: Literal["", "float32", "float16", "bfloat16"] = ""   # "": as stored; the model computes in it, scales stay float32
 
 
 @dataclass

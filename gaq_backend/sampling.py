@@ -32,6 +32,11 @@ def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
     return unet(x, t, **kwargs).sample
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the UNet computes in (its first convolution's weight; a quantized model's scales are float32)."""
+    return model.conv_in.weight.dtype
+
+
 def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
 
@@ -49,6 +54,7 @@ def ddim_sample(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerC
     desc = progress if isinstance(progress, str) else "sample"
     sched = make_scheduler(scheduler_config, sampler)
     steps = len(sched.timesteps)
+    dtype = model_dtype(unet)  # the loop runs in float32; a half-precision UNet sees its own dtype
     n_batches = (noise.shape[0] + batch_size - 1) // batch_size
     bar = tqdm(total=steps * n_batches, desc=desc, unit="step", disable=not progress, leave=False)
     for b0 in range(0, noise.shape[0], batch_size):
@@ -57,7 +63,7 @@ def ddim_sample(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerC
         sched = make_scheduler(scheduler_config, sampler)
         for i, t in enumerate(sched.timesteps):
             tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
-            eps = unet_forward(unet, x, tt, {k: v[b0: b0 + batch_size] for k, v in (cond or {}).items()})
+            eps = unet_forward(unet, x.to(dtype), tt, {k: v[b0: b0 + batch_size] for k, v in (cond or {}).items()}).float()
             if on_step is not None:
                 on_step(i, tt, x, eps)
             x = sched.step(eps, t, x, eta=sampler.eta, generator=gen).prev_sample

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import QuantConfig
+from .sampling import model_dtype
 from .utils.io import read_json_object, read_manifest
 from .wrapping import quant_layers
 
@@ -65,7 +66,8 @@ def write_quantized(model: nn.Module, folder: str, scheduler_config: dict | None
     save_file(quantized_state_dict(model), os.path.join(folder, WEIGHTS_FILE), metadata={"format": "gaq-fakequant-1"})
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     with open(os.path.join(folder, UNET_CONFIG_FILE), "w") as f:
-        json.dump({"_class_name": type(model).__name__, **config}, f, indent=2, default=list)
+        json.dump({"_class_name": type(model).__name__, "_gaq_dtype": str(model_dtype(model)).replace("torch.", ""), **config},
+                  f, indent=2, default=list)
     with open(os.path.join(folder, SCHEDULER_FILE), "w") as f:
         json.dump(dict(scheduler_config or {}), f, indent=2, default=list)
     if recipe is None:
@@ -80,6 +82,26 @@ def write_quantized(model: nn.Module, folder: str, scheduler_config: dict | None
         signature = {"sample": _spec(held.x), "timestep": _spec(held.t), **{k: _spec(v) for k, v in held.cond.items()}}
         with open(os.path.join(folder, SIGNATURE_FILE), "w") as f:
             json.dump(signature, f, indent=2)
+
+
+def cast_model_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the model's own floating weights and buffers to ``dtype``; quantizer scales, zero-points and
+    per-timestep tables stay float32 (half precision would move their rounding boundaries)."""
+    from .quantizers import UniformQuantizer
+    from .quantizers.timestep import TimestepRanges
+
+    def walk(m: nn.Module) -> None:
+        if isinstance(m, (UniformQuantizer, TimestepRanges)):
+            return
+        for name, p in m.named_parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point():
+                setattr(m, name, b.to(dtype))
+        for child in m.children():
+            walk(child)
+    walk(model)
 
 
 def _spec(v: torch.Tensor) -> dict:
@@ -186,6 +208,11 @@ def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
         for _, layer in quant_layers(model):
             if layer.weight_int is not None:
                 layer.weight.data.copy_(layer.quantized_weight())
+    dtype = getattr(torch, raw_cfg.get("_gaq_dtype", "float32"), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: _gaq_dtype {raw_cfg.get('_gaq_dtype')!r} is not a float dtype")
+    if dtype != torch.float32:  # the weights were stored in the model's dtype; compute in it again
+        cast_model_weights(model, dtype)
     model.eval().requires_grad_(False)
     model.gaq_info = QuantizationInfo(qcfg, wrap_report, {}, load_held_out(folder))
     return model, sched_cfg, recipe

@@ -350,6 +350,6 @@ def test_recipe_model_takes_a_subfolder_and_a_variant(tmp_path):
     assert type(loaded.unet).__name__ == "UNet2DModel" and loaded.scheduler_config["_class_name"] == "DDIMScheduler"
     dump_recipe(r, str(tmp_path / "again.yaml"))
     assert load_recipe(str(tmp_path / "again.yaml")).model_options == r.model_options  # round trip
-    with pytest.raises(ConfigError, match="unknown key 'model.dtype'"):
-        (tmp_path / "bad.yaml").write_text(f"model: {{path: {root}, dtype: float16}}\nalgorithm: minmax\n")
+    with pytest.raises(ConfigError, match="model.dtype must be one of"):
+        (tmp_path / "bad.yaml").write_text(f"model: {{path: {root}, dtype: float8}}\nalgorithm: minmax\n")
         load_recipe(str(tmp_path / "bad.yaml"))

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..calibration import CalibrationSet
 from ..config import SEED, AlgorithmConfig, QuantConfig, above, at_least, within
 from ..quantizers.adaround import AdaRound
+from ..quantizers.uniform import at_least_float32
 from ..sampling import unet_forward
 from .block_cache import BlockData, cache_inputs, cache_outputs
 from .blocks import ReconUnit, reconstruction_units
@@ -49,7 +50,7 @@ class ReconstructionConfig(AlgorithmConfig):
 
 def per_sample_lp(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
     """BRECQ's Lp loss per sample: |d|^p summed over channels (dim 1), averaged over the rest."""
-    d = (out - target).abs().pow(p).sum(1)
+    d = (at_least_float32(out) - at_least_float32(target)).abs().pow(p).sum(1)  # float32 for half-precision models
     return d.flatten(1).mean(1) if d.dim() > 1 else d
 
 

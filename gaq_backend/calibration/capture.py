@@ -12,7 +12,7 @@ import torch
 from ..config import CalibrationConfig, SamplerConfig
 from ..sampling import ddim_sample, initial_noise, make_scheduler
 from .recorder import Recorder, calibration_from_tensors
-from ..utils.cache import prepare_cache_dir, read_entry, write_entry
+from ..utils.cache import prepare_cache_dir, read_tensors, write_tensors
 
 CACHE_FORMAT = 3
 
@@ -113,7 +113,7 @@ def model_fingerprint(unet: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(unet.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 included
     return h.hexdigest()[:16]
 
 
@@ -139,11 +139,9 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     key = _cache_key(model_fingerprint(unet), scheduler_config, sampler, cfg, shape)
     path = os.path.join(prepare_cache_dir(cfg.cache_dir, "calibration.cache_dir"), f"calib-{key}.safetensors")
-    entry = read_entry(path)
-    cached = entry is not None
-    if cached:
-        raw = {k: torch.from_numpy(v) for k, v in entry.items()}
-    else:
+    raw = read_tensors(path)
+    cached = raw is not None
+    if not cached:
         sched = make_scheduler(scheduler_config, sampler)
         recorded = {float(t) for t in sched.timesteps[::cfg.interval]}
         recorder = Recorder(unet, max_per_step=cfg.n_per_step, seed=cfg.seed, keep=recorded.__contains__)
@@ -156,6 +154,6 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
         raw = recorder.tensors()
         raw["timesteps"] = sched.timesteps.clone()  # every timestep the sampler visits, for per-timestep ranges
         check_finite(raw)  # a diverged model's data is refused, never cached
-        write_entry(path, {k: v.numpy() for k, v in raw.items()})
+        write_tensors(path, raw)
     calib = calibration_from_tensors(raw, cfg.val_fraction, cfg.n_groups, cfg.seed)
     return calib, cached

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..utils.cache import prepare_cache_dir, read_entry, write_entry
+from ..utils.cache import prepare_cache_dir, read_tensors, write_tensors
 from .capture import check_finite, model_fingerprint
 from .recorder import Recorder, calibration_from_tensors
 
@@ -87,10 +87,8 @@ def capture_from_pipeline(pipe: Any, recipe, progress: bool = True):
                     prompts=read_prompts(cal.prompts) if cal.prompts else [], pipeline=type(pipe).__name__)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = os.path.join(prepare_cache_dir(cal.cache_dir, "calibration.cache_dir"), f"calib-pipe-{key}.safetensors")
-    entry = read_entry(path)
-    if entry is not None:
-        raw = {k: torch.from_numpy(v) for k, v in entry.items()}
-    else:
+    raw = cached = read_tensors(path)
+    if raw is None:
         # CFG doubles the rows of each call: keep them all (up to the reservoir bound)
         recorder = Recorder(pipe.unet, max_per_step=2 * cal.n_per_step, seed=cal.seed, keep=kept.__contains__)
         with recorder, torch.no_grad():
@@ -98,8 +96,8 @@ def capture_from_pipeline(pipe: Any, recipe, progress: bool = True):
                 pipe(**kw, output_type="latent")
         raw = recorder.tensors()
         check_finite(raw)
-        write_entry(path, {k: v.numpy() for k, v in raw.items()})
-    return calibration_from_tensors(raw, cal.val_fraction, cal.n_groups, cal.seed), entry is not None
+        write_tensors(path, raw)
+    return calibration_from_tensors(raw, cal.val_fraction, cal.n_groups, cal.seed), cached is not None
 
 
 @torch.no_grad()

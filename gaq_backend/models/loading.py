@@ -42,11 +42,12 @@ def load_model(model: str, options: Any = None) -> LoadedModel:
     ``options``: a recipe's :class:`~gaq_backend.recipe.ModelOptions` (subfolder, variant)."""
     path = resolve_model_path(model)
     subfolder, variant = (options.subfolder, options.variant) if options is not None else ("", "")
+    dtype = getattr(torch, options.dtype) if options is not None and options.dtype else None
     if os.path.isfile(os.path.join(path, "model_index.json")) and not subfolder:
         from diffusers import DiffusionPipeline
 
         try:
-            pipe = DiffusionPipeline.from_pretrained(path, variant=variant or None)
+            pipe = DiffusionPipeline.from_pretrained(path, variant=variant or None, **({"torch_dtype": dtype} if dtype else {}))
         except Exception as e:  # diffusers / transformers raise many types for a broken folder
             raise ValueError(f"{path}: diffusers cannot load this pipeline ({' '.join(str(e).split())[:200]})") from None
         if getattr(pipe, "unet", None) is None:
@@ -54,7 +55,7 @@ def load_model(model: str, options: Any = None) -> LoadedModel:
         pipe.set_progress_bar_config(disable=True)
         return LoadedModel(pipe.unet.eval(), dict(pipe.scheduler.config), pipe, path)
     unet = load_unet(os.path.join(path, subfolder) if subfolder else path, variant or None)
-    return LoadedModel(unet, _read_scheduler_config(path), None, path)
+    return LoadedModel(unet.to(dtype) if dtype else unet, _read_scheduler_config(path), None, path)
 
 
 def make_scheduler_for(kind: str, scheduler_config: dict, pipeline: Any | None = None):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .uniform import at_least_float32
+
 ZETA, GAMMA = 1.1, -0.1
 
 
@@ -20,7 +22,7 @@ class AdaRound(nn.Module):
         self.soft = True
         floors, vs = [], []
         for w, q in zip(layer.weight_parts(), layer.weight_quantizers):
-            ws = w.detach() / q.scale.detach()
+            ws = at_least_float32(w.detach()) / q.scale.detach()  # V and the floors stay float32 for a half-precision layer
             floor = torch.floor(ws)
             rest = (ws - floor).clamp(1e-6, 1 - 1e-6)
             floors.append(floor)

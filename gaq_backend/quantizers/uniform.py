@@ -38,9 +38,17 @@ def scale_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: b
     return scale.clamp_min(1e-8), zero
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is half precision (float64 stays float64): where quantization arithmetic runs."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    q = torch.clamp(round_ste(x / scale) + zero, qmin, qmax)
-    return (q - zero) * scale
+    """Quantize-dequantize in at least float32 (a half-precision ``x`` would round ``x / scale`` coarsely),
+    returned in ``x``'s dtype."""
+    xc = at_least_float32(x)
+    q = torch.clamp(round_ste(xc / scale) + zero, qmin, qmax)
+    return ((q - zero) * scale).to(x.dtype)
 
 
 def search_mse_scale(x: torch.Tensor, bits: int, symmetric: bool, channel_axis: int | None,
@@ -116,6 +124,7 @@ class UniformQuantizer(nn.Module):
         """Fit the range to ``x``: ``max`` uses its min/max, ``mse`` searches the clipping ratio."""
         if not self.enabled:
             return
+        x = at_least_float32(x)
         dims = _reduce_dims(x, self.channel_axis)
         if method == "max":
             self.set_range(x.amin(dim=dims, keepdim=self.channel_axis is not None), x.amax(dim=dims, keepdim=self.channel_axis is not None))
@@ -129,7 +138,7 @@ class UniformQuantizer(nn.Module):
 
     def integer(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``x`` (no gradient)."""
-        return torch.clamp(torch.round(x / self.scale) + self.zero_point, self.qmin, self.qmax)
+        return torch.clamp(torch.round(at_least_float32(x) / self.scale) + self.zero_point, self.qmin, self.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

@@ -77,3 +77,25 @@ def read_entry(path: str) -> dict[str, np.ndarray] | None:
             pass
         return None
     return arrays
+
+
+def write_tensors(path: str, tensors: dict) -> None:
+    """``write_entry`` for torch tensors; bfloat16 (which NumPy lacks) is stored as float32 and restored on read."""
+    import torch
+
+    arrays = {(f"{k}@bfloat16" if v.dtype == torch.bfloat16 else k): (v.float() if v.dtype == torch.bfloat16 else v).cpu().numpy()
+              for k, v in tensors.items()}
+    write_entry(path, arrays)
+
+
+def read_tensors(path: str) -> dict | None:
+    import torch
+
+    arrays = read_entry(path)
+    if arrays is None:
+        return None
+    out = {}
+    for k, v in arrays.items():
+        name, _, dtype = k.partition("@")
+        out[name] = torch.from_numpy(v).to(torch.bfloat16) if dtype == "bfloat16" else torch.from_numpy(v)
+    return out

@@ -62,7 +62,8 @@ class QuantLayerMixin:
             deq = self.weight_rounding(self)
         else:
             deq = [q(w) for w, q in zip(self.weight_parts(), self.weight_quantizers)]
-        return deq[0] if len(deq) == 1 else torch.cat(deq, dim=1)
+        w = deq[0] if len(deq) == 1 else torch.cat(deq, dim=1)
+        return w.to(self.weight.dtype)  # integers and float32 scales, computed in the layer's own dtype
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         parts = [q(p) for p, q in zip(self.input_parts(x), self.act_quantizers)]

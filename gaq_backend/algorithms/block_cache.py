@@ -92,7 +92,8 @@ def cache_inputs(qmodel: nn.Module, qmodule: nn.Module, calib: CalibrationSet, b
 
 def cache_outputs(fp_model: nn.Module, names: list[str], calib: CalibrationSet, batch_size: int = 64,
                   progress: bool = False) -> dict[str, torch.Tensor]:
-    """Every named unit's output in the FP model, from one pass (FP targets do not depend on what is quantized)."""
+    """Every named unit's output in ``fp_model`` (the model inside ``full_precision``), from one pass (FP
+    targets do not depend on what is quantized)."""
     got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = [fp_model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: got[n].append(_output_tensor(out).detach()))
                for n in names]

@@ -22,6 +22,27 @@ def set_quant_state(model: nn.Module, weight: bool, act: bool) -> None:
 
 
 @contextlib.contextmanager
+def full_precision(model: nn.Module) -> Iterator[nn.Module]:
+    """The FP model from the same module, so that no copy is needed: every quantizer off (the float weights
+    are untouched until ``freeze_weights``) and diffusers' own attention processors back, i.e. bit for bit
+    what the model computed before it was wrapped. The previous state is restored on exit."""
+    layers = [(m, m.use_weight_quant, m.use_act_quant) for m in model.modules() if isinstance(m, QuantLayerMixin)]
+    attns = [(m, m.processor) for m in model.modules()
+             if isinstance(getattr(m, "processor", None), QuantAttnProcessor) and hasattr(m, "_gaq_fp_processor")]
+    try:
+        for m, _, _ in layers:
+            m.use_weight_quant = m.use_act_quant = False
+        for m, _ in attns:
+            m.set_processor(m._gaq_fp_processor)
+        yield model
+    finally:
+        for m, w, a in layers:
+            m.use_weight_quant, m.use_act_quant = w, a
+        for m, proc in attns:
+            m.set_processor(proc)
+
+
+@contextlib.contextmanager
 def observing_activations(model: nn.Module, make_observer: Callable[[], Callable]) -> Iterator[dict]:
     """Attach a fresh observer to every enabled activation quantizer; yields {name: observer}."""
     observed = {n: q for n, q in quantizers(model, "act") if q.enabled}

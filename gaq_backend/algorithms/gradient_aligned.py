@@ -302,8 +302,8 @@ class SampleWeightLearner:
                 "group_gradient_distance.png": lambda path: write_plots(self, path, "distance")}
 
 
-@register_algorithm(GradientAlignedConfig, needs_fp_model=True)
-def calibrate_gradient_aligned(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module,
+@register_algorithm(GradientAlignedConfig)
+def calibrate_gradient_aligned(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module | None = None,
                                progress: bool = True) -> dict:
     cfg: GradientAlignedConfig = config.algorithm
     validation_groups(calib.group, calib.is_val)  # fail before any caching, not at the first block

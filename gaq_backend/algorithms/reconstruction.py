@@ -22,7 +22,7 @@ from ..quantizers.uniform import at_least_float32
 from ..sampling import unet_forward
 from .block_cache import BlockData, cache_inputs, cache_outputs
 from .blocks import ReconUnit, reconstruction_units
-from .common import set_quant_state
+from .common import full_precision, set_quant_state
 from .minmax import MinMaxConfig, fit_activations, fit_weights
 
 
@@ -89,7 +89,7 @@ def learn_rounding(layers: list, n: int, iters: int, cfg: ReconstructionConfig, 
         loss.backward()
         opt.step()
     for l in layers:
-        l.freeze_weight()  # hard rounding: h = 1[V >= 0]
+        l.freeze_weight(sync_float=False)  # hard rounding: h = 1[V >= 0]; the float weight stays the FP one
     return curve
 
 
@@ -160,7 +160,7 @@ def init_ranges(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cf
                                                          batch_size=cfg.cache_batch_size), progress)
 
 
-def sweep(model: nn.Module, fp_model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: ReconstructionConfig,
+def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: ReconstructionConfig,
           progress: bool, exclude: tuple[str, ...] = (), weight_fn: WeightFn | None = None) -> dict:
     """Reconstruct every unit in forward order. ``weight_fn(unit, data, train_mask)`` may return per-sample
     factors (``N * w_i``) for the unit's training samples; None means uniform weighting."""
@@ -168,7 +168,8 @@ def sweep(model: nn.Module, fp_model: nn.Module, config: QuantConfig, calib: Cal
     units = execution_order(model, reconstruction_units(model, exclude), calib)
     train_mask = ~calib.is_val
     stats = {}
-    targets = cache_outputs(fp_model, [u.name for u in units], calib, cfg.cache_batch_size, progress)
+    with full_precision(model):
+        targets = cache_outputs(model, [u.name for u in units], calib, cfg.cache_batch_size, progress)
     bar = tqdm(units, desc="reconstruct", unit="block", disable=not progress)
     for unit in bar:
         bar.set_postfix_str(unit.name)

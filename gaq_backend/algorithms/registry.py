@@ -15,7 +15,9 @@ class UnknownAlgorithmError(ConfigError):
 class AlgorithmSpec:
     name: str
     config_cls: type[AlgorithmConfig]
-    # run(model, quant_config, calibration, fp_model, progress) -> dict of statistics for the report
+    # run(model, quant_config, calibration, fp_model, progress) -> dict of statistics for the report.
+    # gaq's own algorithms get the FP model from the same module (algorithms.common.full_precision);
+    # needs_fp_model=True hands a deep copy instead, for an algorithm that cannot work that way.
     run: Callable[..., dict[str, Any]]
     needs_fp_model: bool = False
 

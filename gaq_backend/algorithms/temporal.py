@@ -21,7 +21,7 @@ from ..config import QuantConfig, at_least
 from ..quantizers.observers import MinMaxObserver
 from ..quantizers.timestep import current_timesteps, install_timestep_hook
 from ..wrapping import QuantLayerMixin
-from .common import set_quant_state
+from .common import full_precision, set_quant_state
 from .reconstruction import ReconstructionConfig, WeightFn, init_ranges, learn_rounding, per_sample_lp, sweep
 from .registry import register_algorithm
 
@@ -48,10 +48,10 @@ def _resnets_with_time(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if getattr(m, "time_emb_proj", None) is not None]
 
 
-def reconstruct_tib(model: nn.Module, fp_model: nn.Module, layers: dict[str, QuantLayerMixin], t_all: torch.Tensor,
+def reconstruct_tib(model: nn.Module, layers: dict[str, QuantLayerMixin], t_all: torch.Tensor,
                     cfg: TemporalConfig, a_bits: int, gen: torch.Generator) -> dict:
-    with torch.no_grad():
-        targets = time_features(fp_model, t_all)
+    with torch.no_grad(), full_precision(model):
+        targets = time_features(model, t_all)
     tib = list(layers.values())
     for l in tib:
         l.use_act_quant = False
@@ -91,8 +91,8 @@ def fit_timestep_ranges(model: nn.Module, tib: list[QuantLayerMixin], t_all: tor
         q.set_timestep_ranges(t_all, torch.stack(per_t[id(q)][0]), torch.stack(per_t[id(q)][1]))
 
 
-@register_algorithm(TemporalConfig, needs_fp_model=True)
-def calibrate_temporal(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module, progress: bool = True,
+@register_algorithm(TemporalConfig)
+def calibrate_temporal(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module | None = None, progress: bool = True,
                        weight_fn: WeightFn | None = None) -> dict:
     """TIB first, then the other units; ``weight_fn`` (see ``sweep``) weights the units' samples."""
     cfg: TemporalConfig = config.algorithm
@@ -105,10 +105,10 @@ def calibrate_temporal(model: nn.Module, config: QuantConfig, calib: Calibration
         install_timestep_hook(model)
         t0 = time.perf_counter()
         set_quant_state(model, weight=True, act=True)
-        stats["temporal_block"] = reconstruct_tib(model, fp_model, layers, calib.timesteps.float(), cfg, config.a_bits,
+        stats["temporal_block"] = reconstruct_tib(model, layers, calib.timesteps.float(), cfg, config.a_bits,
                                                   torch.Generator().manual_seed(cfg.seed + 1))
         stats["temporal_block"]["seconds"] = time.perf_counter() - t0
     else:
         stats["temporal_block"] = "all time-path layers are kept in full precision (keep_fp); nothing to reconstruct"
-    stats["blocks"] = sweep(model, fp_model, config, calib, cfg, progress, exclude=tuple(layers), weight_fn=weight_fn)
+    stats["blocks"] = sweep(model, config, calib, cfg, progress, exclude=tuple(layers), weight_fn=weight_fn)
     return stats

@@ -18,9 +18,9 @@ class UniformConfig(ReconstructionConfig):
     name: ClassVar[str] = "uniform"
 
 
-@register_algorithm(UniformConfig, needs_fp_model=True)
-def calibrate_uniform(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module, progress: bool = True,
+@register_algorithm(UniformConfig)
+def calibrate_uniform(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module | None = None, progress: bool = True,
                       weight_fn: WeightFn | None = None) -> dict:
     """``weight_fn`` (see ``sweep``) weights the units' samples; None weights them equally."""
     init_ranges(model, config, calib, config.algorithm, progress)
-    return {"blocks": sweep(model, fp_model, config, calib, config.algorithm, progress, weight_fn=weight_fn)}
+    return {"blocks": sweep(model, config, calib, config.algorithm, progress, weight_fn=weight_fn)}

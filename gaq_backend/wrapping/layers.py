@@ -70,19 +70,22 @@ class QuantLayerMixin:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     @torch.no_grad()
-    def freeze_weight(self) -> None:
-        """Fix the integer weights from the current rounding; later forwards use exactly these."""
+    def freeze_weight(self, sync_float: bool = True) -> None:
+        """Fix the integer weights from the current rounding; later forwards use exactly these.
+        ``sync_float`` also overwrites the float weight with them, so nothing downstream (export, a copy)
+        can read a stale unrounded weight; calibration leaves it for the end, because until then the float
+        weight is the FP model (``algorithms.common.full_precision``)."""
         if not self.weight_quantizers[0].enabled:
             return
-        if self.weight_rounding is not None:
-            ints = self.weight_rounding.integers(self)
-        else:
-            ints = [q.integer(w) for w, q in zip(self.weight_parts(), self.weight_quantizers)]
-        self.weight_int = torch.cat(ints, dim=1) if len(ints) > 1 else ints[0]
-        self.weight_rounding = None
-        # Keep the float weight consistent with what the layer computes, so nothing downstream
-        # (FP copies, export) can read a stale unrounded weight.
-        self.weight.data.copy_(self.quantized_weight())
+        if self.weight_int is None:
+            if self.weight_rounding is not None:
+                ints = self.weight_rounding.integers(self)
+            else:
+                ints = [q.integer(w) for w, q in zip(self.weight_parts(), self.weight_quantizers)]
+            self.weight_int = torch.cat(ints, dim=1) if len(ints) > 1 else ints[0]
+            self.weight_rounding = None
+        if sync_float:
+            self.weight.data.copy_(self.quantized_weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x) if self.use_act_quant else x

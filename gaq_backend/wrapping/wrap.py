@@ -109,6 +109,7 @@ def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_s
             if not quantize_attention_matmuls or is_kept(name, keep_fp):
                 report.kept.append(name + ".matmuls")
             else:
+                module._gaq_fp_processor = module.processor  # restored by algorithms.common.full_precision
                 module.set_processor(QuantAttnProcessor(a_bits, a_symmetric))
                 report.attention.append(name)
             continue

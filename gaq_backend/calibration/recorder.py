@@ -61,7 +61,7 @@ class Recorder:
         if not isinstance(x, torch.Tensor):
             raise RecordingError("UNet call without a tensor 'sample'")
         b = x.shape[0]
-        t = self._timesteps(bound.get("timestep"), b)
+        t = self._timesteps(bound.get("timestep"), b, x.device)
         cond: dict[str, torch.Tensor] = {}
         for name, v in bound.items():
             if name in ("sample", "timestep") or name in IGNORED or _is_empty(v):
@@ -84,8 +84,8 @@ class Recorder:
             row.update({k: v[i].detach().cpu().clone() for k, v in cond.items()})
             self._reservoir(key, row)
 
-    def _timesteps(self, t: Any, b: int) -> torch.Tensor:
-        t = torch.as_tensor(t)
+    def _timesteps(self, t: Any, b: int, device: torch.device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
         if t.numel() == 1:
             t = t.reshape(1).expand(b)
         elif t.shape != (b,):

@@ -14,22 +14,25 @@ StepHook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 def make_scheduler(scheduler_config: dict, sampler: SamplerConfig):
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler.from_config(scheduler_config)
-    sched.set_timesteps(sampler.num_inference_steps)
+    with torch.device("cpu"):  # the scheduler's tables live on the host, whatever the default device is
+        sched = DDIMScheduler.from_config(scheduler_config)
+        sched.set_timesteps(sampler.num_inference_steps, device="cpu")
     return sched
 
 
 def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Noise prediction of a diffusers UNet for a batch of inputs with one timestep each. ``cond`` holds
     the other forward inputs by name, nested ones (``added_cond_kwargs``) as ``"added_cond_kwargs.text_embeds"``."""
+    device = unet.conv_in.weight.device  # calibration data lives on the host; the model may not
     kwargs: dict = {}
     for k, v in (cond or {}).items():
         head, _, tail = k.partition(".")
+        v = v.to(device)
         if tail:
             kwargs.setdefault(head, {})[tail] = v
         else:
             kwargs[k] = v
-    return unet(x, t, **kwargs).sample
+    return unet(x.to(device), t.to(device), **kwargs).sample
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -38,7 +41,7 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed), device="cpu")
 
 
 @torch.no_grad()
@@ -62,8 +65,8 @@ def ddim_sample(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerC
         gen = torch.Generator().manual_seed(seed + b0)
         sched = make_scheduler(scheduler_config, sampler)
         for i, t in enumerate(sched.timesteps):
-            tt = torch.full((x.shape[0],), int(t), dtype=torch.long)
-            eps = unet_forward(unet, x.to(dtype), tt, {k: v[b0: b0 + batch_size] for k, v in (cond or {}).items()}).float()
+            tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+            eps = unet_forward(unet, x.to(dtype), tt, {k: v[b0: b0 + batch_size] for k, v in (cond or {}).items()}).to(x.device, torch.float32)
             if on_step is not None:
                 on_step(i, tt, x, eps)
             x = sched.step(eps, t, x, eta=sampler.eta, generator=gen).prev_sample

@@ -118,9 +118,9 @@ def load_held_out(folder: str):
         return None
     d = _read_weights(path)
     n = d["x"].shape[0]
-    zeros = torch.zeros(n, dtype=torch.long)
+    zeros = torch.zeros(n, dtype=torch.long, device="cpu")
     cond = {k[len("cond."):]: v for k, v in d.items() if k.startswith("cond.")}
-    return CalibrationSet(d["x"], d["t"], d["eps"], zeros, torch.ones(n, dtype=torch.bool), zeros, cond)
+    return CalibrationSet(d["x"], d["t"], d["eps"], zeros, torch.ones(n, dtype=torch.bool, device="cpu"), zeros, cond)
 
 
 def _prepare_timestep_tables(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -130,7 +130,7 @@ def _prepare_timestep_tables(model: nn.Module, state: dict[str, torch.Tensor]) -
     suffix = ".timestep_ranges.t"
     tables = {k[: -len(suffix)]: v.numel() for k, v in state.items() if k.endswith(suffix)}
     for name, n in tables.items():
-        model.get_submodule(name).timestep_ranges = TimestepRanges(n)
+        model.get_submodule(name).timestep_ranges = TimestepRanges(n, device="cpu")  # loading builds on the CPU
     if tables:
         install_timestep_hook(model)
 
@@ -183,7 +183,8 @@ def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
         raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: UNet class {cls_name!r} is not one gaq loads ({', '.join(UNET_CLASSES)})")
     unet_cfg = {k: v for k, v in raw_cfg.items() if not k.startswith("_")}
     try:
-        model = getattr(diffusers, cls_name).from_config(unet_cfg)
+        with torch.device("cpu"):  # reloads build on the host; the caller moves the model where it computes
+            model = getattr(diffusers, cls_name).from_config(unet_cfg)
     except Exception as e:  # diffusers raises TypeError / ValueError / KeyError for a config it cannot build
         raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: not a {cls_name} config ({' '.join(str(e).split())[:160]})") from None
     qcfg: QuantConfig = recipe.quant_config()

@@ -154,7 +154,7 @@ def outer_step(probe: UnitProbe, theta: list[torch.Tensor], s: torch.Tensor, idx
     s_ = s.detach().requires_grad_(True)
     w = torch.softmax(s_ / cfg.tau, 0)
     th = [t.detach().requires_grad_(True) for t in theta]
-    inner = (probe.losses(th, train, idx) * (n * w[idx]).to(th[0].dtype)).mean()
+    inner = (probe.losses(th, train, idx) * (n * w[idx]).to(th[0].device, th[0].dtype)).mean()
     g = torch.autograd.grad(inner, th, create_graph=not first)
     # the step's size is fixed (RMS = inner_lr) and its normaliser held constant in the outer gradient
     rms = torch.sqrt(sum(x.detach().pow(2).sum() for x in g) / sum(x.numel() for x in g))
@@ -163,7 +163,8 @@ def outer_step(probe: UnitProbe, theta: list[torch.Tensor], s: torch.Tensor, idx
         theta_p = [(t - eta * x).detach().requires_grad_(True) for t, x in zip(th, g)]
         G, _ = probe.group_grads(theta_p, val, val_groups)
         A = probe.alignments([t.detach() for t in th], train, idx, G, cfg.fd_step)
-        d = torch.zeros(n, len(val_groups), dtype=torch.float64).index_add_(0, idx, -(eta * n / b) * A)
+        # the sample weights and their bookkeeping live on the host, beside the calibration data
+        d = torch.zeros(n, len(val_groups), dtype=torch.float64, device="cpu").index_add_(0, idx, -(eta * n / b) * A.to("cpu", torch.float64))
         objective = (w * (d @ p)).sum()   # its gradient in s is the validation MSE's, J^T d p
     else:
         theta_p = [t - eta * x for t, x in zip(th, g)]
@@ -208,7 +209,7 @@ def learn_sample_weights(unit: ReconUnit, data: BlockData, train_mask: torch.Ten
     g_train = group[train_mask]
     n_groups = int(group.max()) + 1
     val_groups = validation_groups(group, ~train_mask)
-    p = torch.tensor([len(v) for v in val_groups], dtype=torch.float64)
+    p = torch.tensor([len(v) for v in val_groups], dtype=torch.float64, device="cpu")
     p /= p.sum()
     n, b = len(train), min(cfg.outer_batch_size, len(train))
     set_quant_state(unit.module, weight=True, act=False)
@@ -216,21 +217,21 @@ def learn_sample_weights(unit: ReconUnit, data: BlockData, train_mask: torch.Ten
     try:
         theta = probe.theta
         opt_theta = torch.optim.Adam(theta, lr=cfg.lr)
-        s = torch.full((n,), cfg.init_logit, dtype=torch.float64, requires_grad=True)
+        s = torch.full((n,), cfg.init_logit, dtype=torch.float64, device="cpu", requires_grad=True)
         # the outer gradients are O(eta / N): a vanishing eps keeps Adam scale-free, as it is meant to be
         opt_s = torch.optim.Adam([s], lr=cfg.outer_lr, eps=1e-30)
         gm_ratio: list[float] = []   # |grad of L_gm| / |grad of L_mse| in logit space, per outer step
-        align_sum, align_cnt = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        align_sum, align_cnt = torch.zeros(n, dtype=torch.float64, device="cpu"), torch.zeros(n, dtype=torch.float64, device="cpu")
         for _ in range(cfg.outer_iters):
-            idx = torch.randint(n, (b,), generator=gen)
+            idx = torch.randint(n, (b,), generator=gen, device="cpu")
             step = outer_step(probe, theta, s, idx, train, val, val_groups, p, cfg)
             if step.gm_ratio is not None:
                 gm_ratio.append(step.gm_ratio)
             s.grad = step.grad_s
             opt_s.step()
-            g_norms = torch.tensor([_norm(x) for x in step.group_grads], dtype=torch.float64)
-            align_sum.index_add_(0, idx, (step.alignments / g_norms).mean(1))
-            align_cnt.index_add_(0, idx, torch.ones(b, dtype=torch.float64))
+            g_norms = torch.tensor([_norm(x) for x in step.group_grads], dtype=torch.float64, device="cpu")
+            align_sum.index_add_(0, idx, (step.alignments.to("cpu", torch.float64) / g_norms).mean(1))
+            align_cnt.index_add_(0, idx, torch.ones(b, dtype=torch.float64, device="cpu"))
             for t, x in zip(theta, step.inner_grad):
                 t.grad = x
             opt_theta.step()
@@ -257,7 +258,7 @@ def _group_gradient_distances(probe: UnitProbe, theta: list[torch.Tensor], train
                               w: torch.Tensor, n_groups: int, limit: int) -> dict:
     """The paper's Figure 1a: pairwise cosine distance of the per-group training gradients at the probe's
     parameters, with uniform weights ("before") and with the learned weights ("after")."""
-    sub = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:limit]  # never shifts the learning stream
+    sub = torch.randperm(len(train), generator=torch.Generator().manual_seed(0), device="cpu")[:limit]  # never shifts the learning stream
     before, after = [], []
     th = [t.detach().requires_grad_(True) for t in theta]
     for g in range(n_groups):

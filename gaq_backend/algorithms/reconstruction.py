@@ -82,7 +82,7 @@ def learn_rounding(layers: list, n: int, iters: int, cfg: ReconstructionConfig, 
     opt = torch.optim.Adam([v for l in layers for v in l.weight_rounding.V], lr=cfg.lr)
     curve = []
     for it in range(iters):
-        loss = batch_loss(torch.randint(n, (min(cfg.batch_size, n),), generator=gen))
+        loss = batch_loss(torch.randint(n, (min(cfg.batch_size, n),), generator=gen, device="cpu"))
         curve.append(float(loss.detach()))
         loss = loss + rounding_loss(layers, it, iters, cfg)
         opt.zero_grad(set_to_none=True)
@@ -109,7 +109,7 @@ def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig
         opt = torch.optim.Adam(scales, lr=cfg.act_lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.act_iters, eta_min=0.0)
         for _ in range(cfg.act_iters):
-            idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
+            idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen, device="cpu")
             out, target = data.run(mod, idx)
             loss = weighted_mean(per_sample_lp(out, target, cfg.p), factors, idx)
             opt.zero_grad(set_to_none=True)
@@ -126,7 +126,7 @@ def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig
 
 @torch.no_grad()
 def unit_mse(unit: ReconUnit, data: BlockData, limit: int = 256) -> float:
-    idx = torch.arange(min(limit, len(data)))
+    idx = torch.arange(min(limit, len(data)), device="cpu")
     out, target = data.run(unit.module, idx)
     return float((out - target).pow(2).mean())
 

@@ -73,7 +73,7 @@ def class_conditioning(unet: torch.nn.Module, class_labels: list[int], n: int) -
     n_classes = getattr(unet.config, "num_class_embeds", None)
     if n_classes and max(class_labels) >= n_classes:
         raise ValueError(f"calibration.class_labels must be below num_class_embeds={n_classes}; got {max(class_labels)}")
-    return {"class_labels": torch.tensor([class_labels[i % len(class_labels)] for i in range(n)])}
+    return {"class_labels": torch.tensor([class_labels[i % len(class_labels)] for i in range(n)], device="cpu")}
 
 
 def check_finite(data: dict[str, torch.Tensor]) -> None:
@@ -97,7 +97,7 @@ def split_and_group(step: torch.Tensor, t: torch.Tensor, val_fraction: float, n_
         n_val = max(1, int(round(val_fraction * len(idx))))
         if n_val >= len(idx):
             raise ValueError(f"calibration step {s} has {len(idx)} samples, too few to hold out {n_val} for validation")
-        is_val[idx[torch.randperm(len(idx), generator=gen)[:n_val]]] = True
+        is_val[idx[torch.randperm(len(idx), generator=gen, device="cpu")[:n_val]]] = True
     t_of_step = {s: float(t[step == s][0]) for s in steps}
     by_t = sorted(steps, key=lambda s: t_of_step[s])
     if n_groups > len(by_t):

@@ -110,7 +110,7 @@ class Recorder:
         if len(kept) < self.max_per_step:
             kept.append(row)
             return
-        j = int(torch.randint(0, n + 1, (1,), generator=self.gen))
+        j = int(torch.randint(0, n + 1, (1,), generator=self.gen, device="cpu"))
         if j < self.max_per_step:
             kept[j] = row
 
@@ -127,7 +127,7 @@ class Recorder:
         for s, k in enumerate(keys):
             kept = self.rows[k]
             if len(kept) > cap:  # a seeded random subset, not the first calls' rows (e.g. one CFG half)
-                kept = [kept[i] for i in sorted(torch.randperm(len(kept), generator=self.gen)[:cap].tolist())]
+                kept = [kept[i] for i in sorted(torch.randperm(len(kept), generator=self.gen, device="cpu")[:cap].tolist())]
             rows += kept
             steps += [s] * len(kept)
         names = set(rows[0])
@@ -137,8 +137,8 @@ class Recorder:
         out = {k: torch.stack([r[k] for r in rows]) for k in sorted(names)}
         t_dtype = torch.float32 if self.float_t else torch.long
         out["t"] = out["t"].to(t_dtype)
-        out["step"] = torch.tensor(steps)
-        out["timesteps"] = torch.tensor(keys, dtype=t_dtype)
+        out["step"] = torch.tensor(steps, device="cpu")  # calibration data lives on the host
+        out["timesteps"] = torch.tensor(keys, dtype=t_dtype, device="cpu")
         return out
 
 

@@ -37,7 +37,7 @@ class PercentileObserver:
         flat = x.detach().flatten().float()
         if flat.numel() > _QUANTILE_MAX:
             flat = flat[:: (flat.numel() + _QUANTILE_MAX - 1) // _QUANTILE_MAX]
-        qs = torch.quantile(flat, torch.tensor([1 - self.q, self.q]))
+        qs = torch.quantile(flat, torch.tensor([1 - self.q, self.q], device=flat.device))
         self.los.append(qs[0]); self.his.append(qs[1])
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:

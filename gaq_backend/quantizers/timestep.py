@@ -36,11 +36,11 @@ def current_timestep_tensor() -> torch.Tensor:
 
 
 class TimestepRanges(nn.Module):
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.register_buffer("t", torch.zeros(n, dtype=torch.float32))  # float: Euler / Karras timesteps are not integers
-        self.register_buffer("scale", torch.ones(n))
-        self.register_buffer("zero_point", torch.zeros(n))
+        self.register_buffer("t", torch.zeros(n, dtype=torch.float32, device=device))  # float: Euler / Karras timesteps are not integers
+        self.register_buffer("scale", torch.ones(n, device=device))
+        self.register_buffer("zero_point", torch.zeros(n, device=device))
 
     def nearest(self, t: torch.Tensor) -> torch.Tensor:
         """Index of the table entry nearest to each of the timesteps ``t``."""
@@ -60,7 +60,7 @@ class TimestepRanges(nn.Module):
 def _timestep_pre_hook(module, args, kwargs):
     sample = args[0] if args else kwargs["sample"]
     t = args[1] if len(args) > 1 else kwargs["timestep"]
-    t = torch.as_tensor(t).reshape(-1)
+    t = torch.as_tensor(t, device=sample.device).reshape(-1)
     if t.numel() == 1:
         t = t.expand(sample.shape[0])
     module._gaq_t_token = _CURRENT_T.set(t)

@@ -54,7 +54,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: i
 def search_mse_scale(x: torch.Tensor, bits: int, symmetric: bool, channel_axis: int | None,
                      ratios: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick, per channel, the clipping ratio of the min/max range whose fake-quant error is smallest (LDM's weight init)."""
-    ratios = torch.linspace(0.5, 1.0, 51) if ratios is None else ratios
+    ratios = torch.linspace(0.5, 1.0, 51, device=x.device) if ratios is None else ratios
     dims = _reduce_dims(x, channel_axis)
     lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
     qmin, qmax = qrange(bits, symmetric)
@@ -79,15 +79,16 @@ class UniformQuantizer(nn.Module):
     Until :meth:`set_range` or :meth:`fit` is called the quantizer is uncalibrated and refuses to run.
     """
 
-    def __init__(self, bits: int, symmetric: bool = True, channel_axis: int | None = None, shape: tuple[int, ...] = ()):
+    def __init__(self, bits: int, symmetric: bool = True, channel_axis: int | None = None, shape: tuple[int, ...] = (),
+                 device: torch.device | str | None = None):
         super().__init__()
         if not (2 <= bits <= 8 or bits == 32):
             raise ValueError(f"quantizer bits must be an integer from 2 to 8, or 32 for no quantization; got {bits!r}")
         self.bits, self.symmetric, self.channel_axis = int(bits), bool(symmetric), channel_axis
         self.qmin, self.qmax = qrange(self.bits, self.symmetric) if self.bits < 32 else (0, 0)
-        self.scale = nn.Parameter(torch.ones(shape), requires_grad=False)
-        self.register_buffer("zero_point", torch.zeros(shape))
-        self.register_buffer("calibrated", torch.tensor(False))
+        self.scale = nn.Parameter(torch.ones(shape, device=device), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(shape, device=device))
+        self.register_buffer("calibrated", torch.tensor(False, device=device))
         # While set, forward hands its input to this callable and returns it unquantized (range calibration).
         self.observer = None
         # Optional per-timestep scale table (TimestepRanges); replaces scale / zero_point when present.
@@ -110,7 +111,8 @@ class UniformQuantizer(nn.Module):
 
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        s, z = scale_from_range(torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32), self.bits, self.symmetric)
+        s, z = scale_from_range(torch.as_tensor(lo, dtype=torch.float32, device=self.scale.device),
+                                torch.as_tensor(hi, dtype=torch.float32, device=self.scale.device), self.bits, self.symmetric)
         self.set_params(s, z)
 
     @torch.no_grad()
@@ -161,7 +163,7 @@ class UniformQuantizer(nn.Module):
         if self.channel_axis is not None:
             raise ValueError("timestep ranges are for per-tensor quantizers")
         s, z = scale_from_range(lo.float(), hi.float(), self.bits, self.symmetric)
-        table = TimestepRanges(len(t))
+        table = TimestepRanges(len(t), device=self.scale.device)
         table.t.copy_(t.float()); table.scale.copy_(s); table.zero_point.copy_(z)
         self.timestep_ranges = table
         self.calibrated.fill_(True)

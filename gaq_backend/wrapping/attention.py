@@ -14,9 +14,9 @@ from ..quantizers import UniformQuantizer
 class QuantAttnProcessor(nn.Module):
     OPERANDS = ("query", "key", "probs", "value")
 
-    def __init__(self, a_bits: int, a_symmetric: bool = True):
+    def __init__(self, a_bits: int, a_symmetric: bool = True, device: torch.device | str | None = None):
         super().__init__()
-        self.quantizers = nn.ModuleDict({k: UniformQuantizer(a_bits, a_symmetric) for k in self.OPERANDS})
+        self.quantizers = nn.ModuleDict({k: UniformQuantizer(a_bits, a_symmetric, device=device) for k in self.OPERANDS})
         self.use_act_quant = True
 
     def _q(self, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,8 @@ class QuantLayerMixin:
         parts = 2 if split else 1
         self.split = int(split)
         self.weight_quantizers = nn.ModuleList(
-            [UniformQuantizer(w_bits, w_symmetric, channel_axis=0, shape=wshape) for _ in range(parts)])
-        self.act_quantizers = nn.ModuleList([UniformQuantizer(a_bits, a_symmetric) for _ in range(parts)])
+            [UniformQuantizer(w_bits, w_symmetric, channel_axis=0, shape=wshape, device=self.weight.device) for _ in range(parts)])
+        self.act_quantizers = nn.ModuleList([UniformQuantizer(a_bits, a_symmetric, device=self.weight.device) for _ in range(parts)])
         # AdaRound and similar algorithms plug a module here that returns the quantized weight parts.
         self.weight_rounding = None
         # Integer weights fixed at the end of calibration (what is saved and exported).

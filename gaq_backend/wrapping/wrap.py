@@ -110,7 +110,7 @@ def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_s
                 report.kept.append(name + ".matmuls")
             else:
                 module._gaq_fp_processor = module.processor  # restored by algorithms.common.full_precision
-                module.set_processor(QuantAttnProcessor(a_bits, a_symmetric))
+                module.set_processor(QuantAttnProcessor(a_bits, a_symmetric, device=module.to_q.weight.device))
                 report.attention.append(name)
             continue
         if isinstance(module, (nn.Conv2d, nn.Linear)) and not _computes_plain_op(module):

@@ -1,0 +1,62 @@
+"""Everything follows the model's device (issue 14, first part). Without a GPU here, the guard is the one
+the issue names: the flows run with the model on the CPU while torch's default device is "meta", so any
+tensor gaq creates without an explicit device becomes a meta tensor and the flow fails."""
+import contextlib
+
+import pytest
+import torch
+
+import gaq_backend as gaq
+from gaq_backend.algorithms.gradient_aligned import GradientAlignedConfig
+from gaq_backend.algorithms.temporal import TemporalConfig
+from gaq_backend.algorithms.uniform import UniformConfig
+
+
+@contextlib.contextmanager
+def default_device_meta():
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+def _recorded_calls():
+    from test_front_doors import sampling_loop, sd_unet
+
+    calls, unet = [], sd_unet()
+    unet.register_forward_pre_hook(lambda m, a, kw: calls.append({"sample": a[0], "timestep": a[1], **kw}), with_kwargs=True)
+    sampling_loop("sd")(unet)
+    return calls
+
+
+@pytest.mark.parametrize("algorithm", [gaq.MinMaxConfig(), UniformConfig(iters=3, act_iters=3, batch_size=8),
+                                       TemporalConfig(iters=3, act_iters=3, tib_iters=3, batch_size=8),
+                                       GradientAlignedConfig(iters=3, act_iters=3, outer_iters=2, outer_batch_size=8, batch_size=8,
+                                                             diagnostics=True, diagnostic_samples=8)])
+def test_calibration_creates_no_tensor_off_the_models_device(algorithm, tmp_path):
+    from test_front_doors import _config, sd_unet
+
+    calls, unet = _recorded_calls(), sd_unet()
+    with default_device_meta():
+        q = gaq.quantize(unet, _config(algorithm, "W4A8"), calibration=calls, progress=False)
+    assert all(p.device.type == "cpu" for p in q.parameters()) and all(b.device.type == "cpu" for b in q.buffers())
+
+
+def test_capture_sampling_save_and_load_create_no_tensor_off_the_models_device(tiny_model_dir, tmp_path):
+    from gaq_backend.calibration import capture_calibration
+    from gaq_backend.config import CalibrationConfig, SamplerConfig
+    from gaq_backend.models.loading import load_model
+    from gaq_backend.sampling import ddim_sample, initial_noise
+
+    loaded = load_model(tiny_model_dir)
+    cal = CalibrationConfig(n_per_step=4, interval=1, n_groups=2, val_fraction=0.25, cache_dir=str(tmp_path / "c"))
+    sampler = SamplerConfig(num_inference_steps=4)
+    with default_device_meta():
+        calib, _ = capture_calibration(loaded.unet, loaded.scheduler_config, sampler, cal, progress=False)
+        q = gaq.quantize(loaded.unet, gaq.preset("W4A8", algorithm=gaq.MinMaxConfig(), keep_fp=["conv_in", "conv_out"]), calib,
+                         progress=False)
+        images = ddim_sample(q, loaded.scheduler_config, sampler, initial_noise(2, (1, 16, 16), 0), progress=False)
+        gaq.save_quantized(q, str(tmp_path / "q"))
+        reloaded, _, _ = gaq.load_quantized(str(tmp_path / "q"))
+    assert images.device.type == "cpu" and reloaded.conv_in.weight.device.type == "cpu"

@@ -19,7 +19,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or default_out_dir(recipe)
-    report = run_recipe(recipe, out, progress=not args.quiet, overwrite=args.overwrite, recipe_path=args.recipe, dry_run=args.dry_run)
+    report = run_recipe(recipe, out, progress=not args.quiet, overwrite=args.overwrite, recipe_path=args.recipe, dry_run=args.dry_run,
+                        device=args.device)
     if report is None:
         print(f"dry run: recipe, model and output folder {out} check out; nothing written")
         return 0
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key by dotted path, e.g. --set algorithm=minmax --set quantization.w_bits=8")
     q.add_argument("--dry-run", action="store_true", help="check the recipe, the model and the output folder, then stop")
+    q.add_argument("--device", help="where the model computes: cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
 

@@ -91,12 +91,28 @@ def output_protect(recipe: Recipe, recipe_path: str | None = None) -> list[str]:
     return [resolve_model_path(recipe.model), recipe.calibration.cache_dir] + ([os.path.dirname(os.path.abspath(recipe_path))] if recipe_path else [])
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """``--device``: a torch device name; the default is CUDA when available, else the CPU."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: gaq runs on cpu or cuda")
+    return dev
+
+
 def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, overwrite: bool = False,
-               recipe_path: str | None = None, dry_run: bool = False) -> dict[str, Any] | None:
+               recipe_path: str | None = None, dry_run: bool = False, device: str | None = None) -> dict[str, Any] | None:
     """Quantize as the recipe says and write ``out_dir`` (see :func:`gaq_backend.utils.io.output_dir`).
     ``dry_run``: run every check that needs no long work, then stop (returns None)."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    dev = resolve_device(device)
     protect = output_protect(recipe, recipe_path)
     check_output_dir(out_dir, "quantized", overwrite, protect, files=OUTPUT_FILES)
     if not dry_run:
@@ -106,6 +122,7 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
     preflight(recipe, loaded)
     if dry_run:
         return None
+    (pipe if pipe is not None else unet).to(dev)  # calibration data stays on the host; the model computes on dev
     rep = recipe.report
 
     t = time.perf_counter()
@@ -144,7 +161,8 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
         calibration=dict(n_train=len(calib.train), n_val=len(calib.val), n_steps=int(calib.step.max()) + 1, n_groups=calib.n_groups, cache_hit=cached),
         layers=unet.gaq_info.wrap.to_dict(),
         algorithm_stats=unet.gaq_info.stats,
-        environment=dict(gaq=__version__, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine()),
+        environment=dict(gaq=__version__, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
+                         device=str(dev)),
     )
     with output_dir(out_dir, "quantized", overwrite, protect, files=OUTPUT_FILES) as tmp:
         write_quantized(unet, tmp, sched_cfg, recipe)

@@ -33,11 +33,11 @@ FOLDER_FILES = (WEIGHTS_FILE, UNET_CONFIG_FILE, SCHEDULER_FILE, "recipe.yaml", S
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict without the float weights that integer weights replace; integer weights as int8."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, layer in quant_layers(model):
         if layer.weight_int is not None:
             del state[f"{name}.weight"]
-            state[f"{name}.weight_int"] = layer.weight_int.to(torch.int8)
+            state[f"{name}.weight_int"] = layer.weight_int.to("cpu", torch.int8)
     return state
 
 

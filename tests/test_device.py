@@ -60,3 +60,26 @@ def test_capture_sampling_save_and_load_create_no_tensor_off_the_models_device(t
         gaq.save_quantized(q, str(tmp_path / "q"))
         reloaded, _, _ = gaq.load_quantized(str(tmp_path / "q"))
     assert images.device.type == "cpu" and reloaded.conv_in.weight.device.type == "cpu"
+
+
+def test_cli_device_flag(write_recipe, tmp_path):
+    import json
+
+    from gaq_backend.cli import main
+
+    recipe = write_recipe()
+    assert main(["quantize", recipe, "--out", str(tmp_path / "o"), "--quiet", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["environment"]["device"] == "cpu"
+    for bad in ("nonsense", "mps") + (() if torch.cuda.is_available() else ("cuda",)):
+        assert main(["quantize", recipe, "--out", str(tmp_path / "o2"), "--quiet", "--device", bad]) == 2
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cli_quantizes_on_cuda(write_recipe, tmp_path):
+    from gaq_backend.cli import main
+
+    recipe = write_recipe(algorithm="uniform", settings=dict(iters=4, act_iters=4, batch_size=8))
+    assert main(["quantize", recipe, "--out", str(tmp_path / "o"), "--quiet", "--device", "cuda"]) == 0
+    loaded, _, _ = gaq.load_quantized(str(tmp_path / "o"))
+    assert loaded.conv_in.weight.device.type == "cpu"  # reloads build on the host

@@ -7,6 +7,7 @@ import os
 import sys
 
 from .config import INT_MAX, SEED_MAX, ConfigError
+from .utils.errors import one_line
 from .utils.io import OutputError
 
 # errors that describe bad input in words meant for the user (plain ValueErrors are gaq's own input checks too)
@@ -124,7 +125,7 @@ def _load_noise(path: str):
     try:
         noise = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"--noise {path}: not a readable .npy file ({' '.join(str(e).split())[:120]})") from None
+        raise ValueError(f"--noise {path}: not a readable .npy file ({one_line(e, 120)})") from None
     if noise.ndim != 4 or not np.issubdtype(noise.dtype, np.floating) or not np.isfinite(noise).all():
         raise ValueError(f"--noise {path}: expected finite float noise of shape (N, C, H, W); got {noise.dtype} {noise.shape}")
     return noise
@@ -254,10 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -270,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # gaq's own input errors name what to change; anything else from these classes may be a bug
         hint = "" if isinstance(e, INPUT_ERRORS) or type(e) is ValueError else " (run with --debug for the traceback)"
-        print(f"gaq: error: {_one_line(e)}{hint}", file=sys.stderr)
+        print(f"gaq: error: {one_line(e)}{hint}", file=sys.stderr)
         return 2
     except Exception as e:  # a bug in gaq: still one line, and the way to see more
         if args.debug:
             raise
-        print(f"gaq: internal error: {type(e).__name__}: {_one_line(e)[:300]} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"gaq: internal error: {type(e).__name__}: {one_line(e, 300)} (run with --debug for the traceback)", file=sys.stderr)
         return 1
 
 

@@ -15,6 +15,7 @@ import yaml
 from .algorithms import available_algorithms, get_algorithm
 from .config import (SEED, AlgorithmConfig, CalibrationConfig, ConfigError, GaqBaseConfig, QuantConfig, SamplerConfig,
                      at_least, from_dict)
+from .utils.errors import one_line
 
 
 @dataclass
@@ -112,7 +113,7 @@ def parse_yaml(text: str, where: str) -> Any:
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
+        raise ConfigError(f"{where}: not valid YAML ({one_line(e, 160)})") from None
     except RecursionError:
         raise ConfigError(f"{where}: nested too deeply") from None
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .sampling import model_dtype
+from .utils.errors import one_line
 from .utils.io import read_json_object, read_manifest
 from .wrapping import quant_layers
 
@@ -160,14 +161,14 @@ def _check_weights_header(path: str) -> None:
         with safe_open(path, framework="pt") as f:
             f.keys()
     except Exception as e:  # safetensors' own error type
-        raise ValueError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:160]})") from None
+        raise ValueError(f"{path}: not a readable safetensors file ({one_line(e, 160)})") from None
 
 
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as e:  # safetensors' own error type for truncated or garbage files
-        raise ValueError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:160]})") from None
+        raise ValueError(f"{path}: not a readable safetensors file ({one_line(e, 160)})") from None
 
 
 def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
@@ -186,7 +187,7 @@ def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
         with torch.device("cpu"):  # reloads build on the host; the caller moves the model where it computes
             model = getattr(diffusers, cls_name).from_config(unet_cfg)
     except Exception as e:  # diffusers raises TypeError / ValueError / KeyError for a config it cannot build
-        raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: not a {cls_name} config ({' '.join(str(e).split())[:160]})") from None
+        raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: not a {cls_name} config ({one_line(e, 160)})") from None
     qcfg: QuantConfig = recipe.quant_config()
     wrap_report = wrap_for_config(model, qcfg)
     state = _read_weights(os.path.join(folder, WEIGHTS_FILE))

@@ -9,6 +9,8 @@ import json
 import os
 from typing import Any
 
+from ..utils.errors import one_line
+
 
 EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(__file__), "..", "assets", "ddpm-mnist")
 EMBEDDED_MODEL_DIR = os.path.normpath(EMBEDDED_MODEL_DIR)
@@ -50,7 +52,7 @@ def load_unet(path: str | None = None, variant: str | None = None):
             raise ValueError(f"{name} is not a UNet class gaq quantizes (UNet2DModel, UNet2DConditionModel)")
         model = getattr(diffusers, name).from_pretrained(path, variant=variant)
     except Exception as e:  # diffusers raises OSError, ValueError, JSON and safetensors errors for a bad folder
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        reason = one_line(e, 200)
         raise ValueError(f"{path}: diffusers cannot load a UNet from it ({reason})") from None
     model.eval()
     return model

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..utils.errors import one_line
 from ..utils.io import read_json_object
 from .embedded import EMBEDDED_MODEL_DIR, load_unet
 
@@ -49,7 +50,7 @@ def load_model(model: str, options: Any = None) -> LoadedModel:
         try:
             pipe = DiffusionPipeline.from_pretrained(path, variant=variant or None, **({"torch_dtype": dtype} if dtype else {}))
         except Exception as e:  # diffusers / transformers raise many types for a broken folder
-            raise ValueError(f"{path}: diffusers cannot load this pipeline ({' '.join(str(e).split())[:200]})") from None
+            raise ValueError(f"{path}: diffusers cannot load this pipeline ({one_line(e, 200)})") from None
         if getattr(pipe, "unet", None) is None:
             raise ValueError(f"{path}: the pipeline has no 'unet' component (gaq quantizes UNets)")
         pipe.set_progress_bar_config(disable=True)

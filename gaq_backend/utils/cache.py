@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from .errors import one_line
 from .io import OutputError, atomic_path, clean_stale_tmp
 
 FORMAT = "gaq-cache-1"
@@ -69,8 +70,7 @@ def read_entry(path: str) -> dict[str, np.ndarray] | None:
     except (MemoryError, PermissionError):
         raise  # not the entry's fault: keep it
     except Exception as e:  # safetensors raises its own error type for truncated or garbage files
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        print(f"gaq: warning: cache entry {path} is unreadable ({reason}); removing it and recomputing", file=sys.stderr)
+        print(f"gaq: warning: cache entry {path} is unreadable ({one_line(e, 120)}); removing it and recomputing", file=sys.stderr)
         try:
             os.remove(path)
         except OSError:

@@ -63,6 +63,7 @@ def _work_file(work_dir: str, name: str) -> str:
 def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bool) -> tuple[list[dict], list[dict]]:
     """Export every variant once into ``work_dir``; returns (variants, refusals)."""
     from gaq_backend.models.loading import load_model, resolve_model_path
+    from gaq_backend.recipe import USER_MODEL
     from gaq_backend.serialization import read_output_configs
 
     from .validate import parity_inputs
@@ -74,9 +75,9 @@ def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bo
     folders = [(d, *read_output_configs(d)) for d in dirs]  # every folder and work file checked before any work
     for d, _, recipe in folders:
         base = resolve_model_path(recipe.model)
-        if recipe.model == "user" or os.path.isfile(os.path.join(base, "model_index.json")):
+        if recipe.model == USER_MODEL or os.path.isfile(os.path.join(base, "model_index.json")):
             raise ValueError(f"{d}: gaq bench times UNets quantized from a bare model folder (its recipe's model is {recipe.model!r})")
-        tag = os.path.basename(os.path.normpath(resolve_model_path(recipe.model)))
+        tag = os.path.basename(os.path.normpath(base))
         for name in (f"{tag}-fp32.onnx", f"{tag}-fp16.onnx", f"{tag}-quantize_static-w8a8.onnx",
                      f"{os.path.basename(os.path.normpath(d))}-int8.onnx", f"{os.path.basename(os.path.normpath(d))}-int4.onnx"):
             _work_file(work_dir, name)

@@ -40,8 +40,8 @@ def held_out_inputs(unet: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor
     held = getattr(getattr(unet, "gaq_info", None), "held_out", None)
     if held is None or not len(held):
         return None
-    idx = torch.linspace(0, len(held) - 1, min(n, len(held))).round().long()
-    return held.x[idx], held.t[idx], {k: v[idx] for k, v in held.cond.items()}
+    held = held.spread(n)
+    return held.x, held.t, held.cond
 
 
 def parity_inputs(recipe, scheduler_config: dict, n: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -54,9 +54,8 @@ def parity_inputs(recipe, scheduler_config: dict, n: int, progress: bool = True)
         raise ValueError(f"--check-samples must be at least 1; got {n}")
     fp = load_model(recipe.model, recipe.model_options).unet
     calib, _ = capture_calibration(fp, scheduler_config, recipe.sampler, recipe.calibration, progress)
-    val = calib.val
-    idx = torch.linspace(0, len(val) - 1, min(n, len(val))).round().long()
-    return val.x[idx], val.t[idx], {}
+    val = calib.val.spread(n)
+    return val.x, val.t, {}
 
 
 def _run_torch(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict, batch_size: int) -> np.ndarray:

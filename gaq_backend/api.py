@@ -128,7 +128,6 @@ def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: Calibr
     model.requires_grad_(False)
     stats = spec.run(model, config, calibration, fp_model=fp_model, progress=progress)
     freeze_weights(model)
-    val = calibration.val  # up to 64 held-out inputs spread over all timesteps, for the export parity check
-    pick = torch.linspace(0, len(val) - 1, min(len(val), 64), device="cpu").round().long().unique()
-    model.gaq_info = QuantizationInfo(config, report, stats or {}, val.subset(pick))
+    # up to 64 held-out inputs spread over all timesteps, for the export parity check
+    model.gaq_info = QuantizationInfo(config, report, stats or {}, calibration.val.spread(64))
     return model

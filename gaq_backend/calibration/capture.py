@@ -53,6 +53,10 @@ class CalibrationSet:
     def n_groups(self) -> int:
         return int(self.group.max()) + 1 if len(self) else 0
 
+    def spread(self, n: int) -> "CalibrationSet":
+        """``n`` samples (at most all) evenly spaced over the set, so every recorded step is represented."""
+        return self.subset(torch.linspace(0, len(self) - 1, min(n, len(self)), device="cpu").round().long())
+
     def batches(self, batch_size: int):
         for i in range(0, len(self), batch_size):
             yield self.subset(slice(i, i + batch_size))

@@ -144,9 +144,8 @@ class Recorder:
 
 def calibration_from_tensors(raw: dict[str, torch.Tensor], val_fraction: float, n_groups: int, seed: int):
     """A :class:`CalibrationSet` from :meth:`Recorder.tensors` output (or its cached copy)."""
-    from .capture import CalibrationSet, check_finite, split_and_group
+    from .capture import CalibrationSet, split_and_group
 
-    check_finite(raw)
     is_val, group = split_and_group(raw["step"], raw["t"], val_fraction, n_groups, seed)
     cond = {k: v for k, v in raw.items() if k not in ("x", "t", "eps", "step", "timesteps")}
     return CalibrationSet(raw["x"], raw["t"], raw["eps"], raw["step"], is_val, group, cond, timesteps=raw["timesteps"])

@@ -159,6 +159,8 @@ class Env:
             return set()
         target = os.path.abspath(os.path.join(self.root, out))
         allowed = {p for p in (target, target + ".data") if overwrite or p not in before}
+        if os.path.basename(target) == "model.onnx":  # Optimum's layout: a new config.json beside it, never a replaced one
+            allowed |= {p for p in [os.path.join(os.path.dirname(target), "config.json")] if p not in before}
         manifest = os.path.join(target, "gaq-manifest.json")
         if os.path.isdir(target):
             allowed = {manifest}

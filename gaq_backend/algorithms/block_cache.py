@@ -1,28 +1,25 @@
-"""Cache one unit's inputs (from the quantized model) and targets (from the FP model) once per unit.
+"""One unit's cached inputs and FP targets, held in memory or memory-mapped from disk.
 
-Both are captured by hooks in a forward pass that stops right after the unit, so the rest of the
-network is never run; the reconstruction loop then only runs the unit itself.
+Only the current unit's data is ever held (``unit_stream`` produces it unit by unit). Above the memory
+budget it is written to a temporary file in the cache folder and memory-mapped, so a large calibration
+set reads from disk instead of failing; the file is removed when the unit is done.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm import tqdm
 
-from ..calibration import CalibrationSet
 from ..quantizers.timestep import current_timesteps
-from ..sampling import unet_forward
+from ..utils.io import tmp_prefix
 
 
-class _Stop(Exception):
-    pass
-
-
-def _output_tensor(out: Any) -> torch.Tensor:
+def output_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "sample"):
@@ -30,76 +27,76 @@ def _output_tensor(out: Any) -> torch.Tensor:
     return out[0]
 
 
+def _pick(v: Any, idx: torch.Tensor, device: torch.device | None) -> Any:
+    if not isinstance(v, torch.Tensor):
+        return v  # non-tensor arguments (None, flags) are the same for every row
+    v = v[idx]
+    return v if device is None else v.to(device, non_blocking=True)
+
+
 @dataclass
 class BlockData:
-    """Inputs (positional and keyword, batch-first tensors concatenated over the calibration set) and FP targets."""
+    """Inputs (positional and keyword, batch-first tensors over the calibration set) and FP targets.
+
+    ``rows`` views a subset without copying (the train split of a unit's data is a view, not a second cache);
+    ``device`` is where ``run`` computes (the module's), which may differ from where the data lives.
+    """
     args: list[Any]
     kwargs: dict[str, Any]
     target: torch.Tensor
-    t: torch.Tensor  # each sample's timestep, for quantizers with timestep-dependent ranges
+    t: torch.Tensor  # each row's timestep, for quantizers with timestep-dependent ranges
+    rows: torch.Tensor | None = None
+    device: torch.device | None = None
 
     def __len__(self) -> int:
-        return self.target.shape[0]
+        return self.target.shape[0] if self.rows is None else len(self.rows)
+
+    def _index(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().squeeze(1)
+        return idx if self.rows is None else self.rows[idx]
 
     def subset(self, idx: torch.Tensor) -> "BlockData":
-        pick = lambda v: v[idx] if isinstance(v, torch.Tensor) else v  # noqa: E731
-        return BlockData([pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}, self.target[idx], self.t[idx])
+        """A view of the rows ``idx`` (a boolean mask or indices), sharing this data's storage."""
+        return BlockData(self.args, self.kwargs, self.target, self.t, self._index(idx.to("cpu")), self.device)
 
     def run(self, module: nn.Module, idx: torch.Tensor, params: dict[str, torch.Tensor] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unit's output on samples ``idx`` and their FP targets; ``params`` replaces named
+        """The unit's output on rows ``idx`` and their FP targets; ``params`` replaces named
         parameters for this call (``torch.func.functional_call``), leaving the module untouched."""
-        b = self.subset(idx)
-        with current_timesteps(b.t):
-            out = module(*b.args, **b.kwargs) if params is None else functional_call(module, params, tuple(b.args), b.kwargs)
-            return _output_tensor(out), b.target
+        rows = self._index(idx)
+        args = [_pick(a, rows, self.device) for a in self.args]
+        kwargs = {k: _pick(v, rows, self.device) for k, v in self.kwargs.items()}
+        target = _pick(self.target, rows, self.device)
+        with current_timesteps(self.t[rows.to(self.t.device)].to(target.device)):
+            out = module(*args, **kwargs) if params is None else functional_call(module, params, tuple(args), kwargs)
+            return output_tensor(out), target
+
+    def nbytes(self) -> int:
+        tensors = [v for v in [*self.args, *self.kwargs.values(), self.target] if isinstance(v, torch.Tensor)]
+        return sum(v.numel() * v.element_size() for v in tensors)
 
 
-def _run(model: nn.Module, calib: CalibrationSet, batch_size: int, desc: str, progress: bool) -> None:
-    with torch.no_grad():
-        for b in tqdm(list(calib.batches(batch_size)), desc=desc, unit="batch", disable=not progress, leave=False):
-            try:
-                unet_forward(model, b.x, b.t, b.cond)
-            except _Stop:
-                pass
-
-
-def _cat(items: list[Any]) -> Any:
+def concat(items: list[Any]) -> Any:
     first = items[0]
     if isinstance(first, torch.Tensor):
         return torch.cat(items)
-    return first  # non-tensor arguments (None, flags) are the same for every batch
+    return first
 
 
-def cache_inputs(qmodel: nn.Module, qmodule: nn.Module, calib: CalibrationSet, batch_size: int = 64,
-                 progress: bool = False) -> tuple[list[Any], dict[str, Any]]:
-    """The unit's positional and keyword inputs in the (partly quantized) model; the pass stops at the unit."""
-    got: list[Any] = []
-
-    def pre(mod, args, kwargs):
-        got.append(([a.detach() if isinstance(a, torch.Tensor) else a for a in args],
-                    {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}))
-        raise _Stop
-
-    handle = qmodule.register_forward_pre_hook(pre, with_kwargs=True)
+def spill_to_disk(data: BlockData, folder: str) -> tuple[BlockData, str]:
+    """``data`` written to a temporary file in ``folder`` and memory-mapped back; returns it and the file
+    (the caller removes it). The file is named as gaq's temporaries are, so a killed run's is cleaned up later."""
+    os.makedirs(folder, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=tmp_prefix("unit-cache"), suffix=".pt", dir=folder)
+    os.close(fd)
     try:
-        _run(qmodel, calib, batch_size, "cache inputs", progress)
-    finally:
-        handle.remove()
-    args = [_cat([g[0][k] for g in got]) for k in range(len(got[0][0]))]
-    return args, {k: _cat([g[1][k] for g in got]) for k in got[0][1]}
-
-
-def cache_outputs(fp_model: nn.Module, names: list[str], calib: CalibrationSet, batch_size: int = 64,
-                  progress: bool = False) -> dict[str, torch.Tensor]:
-    """Every named unit's output in ``fp_model`` (the model inside ``full_precision``), from one pass (FP
-    targets do not depend on what is quantized)."""
-    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [fp_model.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: got[n].append(_output_tensor(out).detach()))
-               for n in names]
-    try:
-        _run(fp_model, calib, batch_size, "cache FP targets", progress)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: torch.cat(v) for n, v in got.items()}
+        host = lambda v: v.cpu() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        torch.save({"args": [host(a) for a in data.args], "kwargs": {k: host(v) for k, v in data.kwargs.items()},
+                    "target": host(data.target)}, path)
+        m = torch.load(path, mmap=True, weights_only=True)
+    except BaseException:
+        os.remove(path)
+        raise
+    device = data.device or (data.target.device if data.target.device.type != "cpu" else None)
+    return BlockData(m["args"], m["kwargs"], m["target"], data.t, data.rows, device), path

@@ -7,6 +7,7 @@ activation step sizes LSQ-style. Every loss takes an optional weight per calibra
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal
@@ -19,10 +20,11 @@ from ..calibration import CalibrationSet
 from ..config import SEED, AlgorithmConfig, QuantConfig, above, at_least, within
 from ..quantizers.adaround import AdaRound
 from ..quantizers.uniform import at_least_float32
-from ..sampling import unet_forward
-from .block_cache import BlockData, cache_inputs, cache_outputs
+from .block_cache import BlockData, concat, spill_to_disk
 from .blocks import ReconUnit, reconstruction_units
 from .common import full_precision, set_quant_state
+from .memory_plan import MemoryPlan, plan_memory, probe_units
+from .unit_stream import UnitStream
 from .minmax import MinMaxConfig, fit_activations, fit_weights
 
 
@@ -44,7 +46,8 @@ class ReconstructionConfig(AlgorithmConfig):
     weight_range: Literal["max", "mse"] = "mse"
     act_range: Literal["minmax", "percentile"] = "minmax"   # initial activation ranges before LSQ
     percentile: float = field(default=99.99, metadata=within(50, 100, lo_open=True))
-    cache_batch_size: int = field(default=64, metadata=at_least(1))
+    cache_batch_size: int = field(default=64, metadata=at_least(1))  # rows per paused forward pass
+    cache_memory_gib: float = field(default=0.0, metadata=at_least(0))  # unit cache above this goes to disk; 0: what free memory allows
     seed: int = field(default=0, metadata=SEED)
 
 
@@ -131,25 +134,6 @@ def unit_mse(unit: ReconUnit, data: BlockData, limit: int = 256) -> float:
     return float((out - target).pow(2).mean())
 
 
-def execution_order(model: nn.Module, units: list[ReconUnit], calib: CalibrationSet) -> list[ReconUnit]:
-    """Units sorted by when the forward pass first calls them (registration order can differ: diffusers
-    registers an up block's attentions before its resnets but calls them interleaved)."""
-    seen: list[str] = []
-    hooks = [u.module.register_forward_pre_hook(lambda m, a, name=u.name: seen.append(name) if name not in seen else None) for u in units]
-    try:
-        with torch.no_grad():
-            b = calib.subset(slice(0, 1))
-            unet_forward(model, b.x, b.t, b.cond)
-    finally:
-        for h in hooks:
-            h.remove()
-    rank = {n: i for i, n in enumerate(seen)}
-    missing = [u.name for u in units if u.name not in rank]
-    if missing:
-        raise RuntimeError(f"reconstruction units never called in the forward pass: {missing[:3]}")
-    return sorted(units, key=lambda u: rank[u.name])
-
-
 WeightFn = Callable[[ReconUnit, BlockData, torch.Tensor], torch.Tensor | None]
 
 
@@ -160,32 +144,60 @@ def init_ranges(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cf
                                                          batch_size=cfg.cache_batch_size), progress)
 
 
+def plan_sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: ReconstructionConfig,
+               exclude: tuple[str, ...] = (), log: Callable[[str], None] | None = print) -> tuple[list[ReconUnit], MemoryPlan]:
+    """The units in forward order and the memory plan (printed with ``log``; refused when it cannot fit)."""
+    units = reconstruction_units(model, exclude)
+    with full_precision(model):  # shapes only; the quantizers may not be calibrated yet
+        probe = probe_units(model, units, calib)
+    calib_bytes = sum(v.numel() * v.element_size() for v in [calib.x, calib.t, calib.eps, *calib.cond.values()])
+    plan = plan_memory(model, probe, len(calib), calib_bytes, cfg.batch_size, cfg.cache_memory_gib)
+    if log is not None:
+        log(plan.summary())
+    return probe.order, plan
+
+
+def _unit_data(fp: UnitStream, quant: UnitStream, calib: CalibrationSet, plan: MemoryPlan, spill_dir: str) -> tuple[BlockData, str | None]:
+    """The next unit's FP targets and quantized-model inputs over the calibration set, spilled above the budget."""
+    target = concat(fp.next())
+    inputs = quant.next()
+    args = [concat([i[0][k] for i in inputs]) for k in range(len(inputs[0][0]))]
+    kwargs = {k: concat([i[1][k] for i in inputs]) for k in inputs[0][1]}
+    data = BlockData(args, kwargs, target, calib.t)
+    if data.nbytes() <= plan.budget:
+        return data, None
+    return spill_to_disk(data, spill_dir)
+
+
 def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: ReconstructionConfig,
-          progress: bool, exclude: tuple[str, ...] = (), weight_fn: WeightFn | None = None) -> dict:
-    """Reconstruct every unit in forward order. ``weight_fn(unit, data, train_mask)`` may return per-sample
-    factors (``N * w_i``) for the unit's training samples; None means uniform weighting."""
+          progress: bool, units: list[ReconUnit], plan: MemoryPlan, weight_fn: WeightFn | None = None) -> dict:
+    """Reconstruct ``units`` (in forward order, from ``plan_sweep``). ``weight_fn(unit, data, train_mask)`` may
+    return per-sample factors (``N * w_i``) for the unit's training samples; None means uniform weighting."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    units = execution_order(model, reconstruction_units(model, exclude), calib)
     train_mask = ~calib.is_val
     stats = {}
-    with full_precision(model):
-        targets = cache_outputs(model, [u.name for u in units], calib, cfg.cache_batch_size, progress)
-    bar = tqdm(units, desc="reconstruct", unit="block", disable=not progress)
-    for unit in bar:
-        bar.set_postfix_str(unit.name)
-        t0 = time.perf_counter()
-        args, kwargs = cache_inputs(model, unit.module, calib, cfg.cache_batch_size)
-        data = BlockData(args, kwargs, targets.pop(unit.name), calib.t)
-        t1 = time.perf_counter()
-        factors = weight_fn(unit, data, train_mask) if weight_fn is not None else None
-        t2 = time.perf_counter()
-        train = data.subset(train_mask)
-        before = unit_mse(unit, train)
-        info = reconstruct_unit(unit, train, cfg, config.a_bits, factors, gen)
-        stats[unit.name] = dict(kind=unit.kind, mse_before=before, mse_after=unit_mse(unit, train),
-                                seconds_cache=t1 - t0, seconds_weights=t2 - t1, seconds_reconstruct=time.perf_counter() - t2,
-                                loss_first=info["curve"][0] if info["curve"] else math.nan,
-                                loss_last=info["curve"][-1] if info["curve"] else math.nan)
-        del data, train
+    modules = [(u.name, u.module) for u in units]
+    with UnitStream(model, modules, calib, cfg.cache_batch_size, "outputs", lambda: full_precision(model)) as fp, \
+            UnitStream(model, modules, calib, cfg.cache_batch_size, "inputs") as quant:
+        bar = tqdm(units, desc="reconstruct", unit="block", disable=not progress)
+        for unit in bar:
+            bar.set_postfix_str(unit.name)
+            t0 = time.perf_counter()
+            data, spilled = _unit_data(fp, quant, calib, plan, config.calibration.cache_dir)
+            try:
+                t1 = time.perf_counter()
+                factors = weight_fn(unit, data, train_mask) if weight_fn is not None else None
+                t2 = time.perf_counter()
+                train = data.subset(train_mask)
+                before = unit_mse(unit, train)
+                info = reconstruct_unit(unit, train, cfg, config.a_bits, factors, gen)
+                stats[unit.name] = dict(kind=unit.kind, mse_before=before, mse_after=unit_mse(unit, train), on_disk=spilled is not None,
+                                        seconds_cache=t1 - t0, seconds_weights=t2 - t1, seconds_reconstruct=time.perf_counter() - t2,
+                                        loss_first=info["curve"][0] if info["curve"] else math.nan,
+                                        loss_last=info["curve"][-1] if info["curve"] else math.nan)
+            finally:
+                data = train = None  # the last references to a memory-mapped file
+                if spilled is not None:
+                    os.remove(spilled)
     set_quant_state(model, weight=True, act=True)
     return stats

@@ -22,7 +22,7 @@ from ..quantizers.observers import MinMaxObserver
 from ..quantizers.timestep import current_timesteps, install_timestep_hook
 from ..wrapping import QuantLayerMixin
 from .common import full_precision, set_quant_state
-from .reconstruction import ReconstructionConfig, WeightFn, init_ranges, learn_rounding, per_sample_lp, sweep
+from .reconstruction import ReconstructionConfig, WeightFn, init_ranges, learn_rounding, per_sample_lp, plan_sweep, sweep
 from .registry import register_algorithm
 
 
@@ -98,8 +98,9 @@ def calibrate_temporal(model: nn.Module, config: QuantConfig, calib: Calibration
     cfg: TemporalConfig = config.algorithm
     if calib.timesteps is None:
         raise ValueError("temporal calibration needs the sampler's timesteps in the calibration set (re-capture it)")
-    init_ranges(model, config, calib, cfg, progress)
     layers = time_path_layers(model)
+    units, plan = plan_sweep(model, config, calib, cfg, exclude=tuple(layers), log=print if progress else None)
+    init_ranges(model, config, calib, cfg, progress)
     stats: dict = {}
     if layers:
         install_timestep_hook(model)
@@ -110,5 +111,5 @@ def calibrate_temporal(model: nn.Module, config: QuantConfig, calib: Calibration
         stats["temporal_block"]["seconds"] = time.perf_counter() - t0
     else:
         stats["temporal_block"] = "all time-path layers are kept in full precision (keep_fp); nothing to reconstruct"
-    stats["blocks"] = sweep(model, config, calib, cfg, progress, exclude=tuple(layers), weight_fn=weight_fn)
+    stats["blocks"] = sweep(model, config, calib, cfg, progress, units, plan, weight_fn=weight_fn)
     return stats

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..calibration import CalibrationSet
 from ..config import QuantConfig
-from .reconstruction import ReconstructionConfig, WeightFn, init_ranges, sweep
+from .reconstruction import ReconstructionConfig, WeightFn, init_ranges, plan_sweep, sweep
 from .registry import register_algorithm
 
 
@@ -22,5 +22,6 @@ class UniformConfig(ReconstructionConfig):
 def calibrate_uniform(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module | None = None, progress: bool = True,
                       weight_fn: WeightFn | None = None) -> dict:
     """``weight_fn`` (see ``sweep``) weights the units' samples; None weights them equally."""
+    units, plan = plan_sweep(model, config, calib, config.algorithm, log=print if progress else None)
     init_ranges(model, config, calib, config.algorithm, progress)
-    return {"blocks": sweep(model, config, calib, config.algorithm, progress, weight_fn=weight_fn)}
+    return {"blocks": sweep(model, config, calib, config.algorithm, progress, units, plan, weight_fn=weight_fn)}

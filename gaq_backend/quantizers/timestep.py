@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from typing import Iterator
 
 import torch
 from torch import nn
 
 _CURRENT_T: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("gaq_current_t", default=None)
+# the hooks' tokens, per thread: several forward passes may be in flight at once (algorithms.unit_stream),
+# and a token on the module would make it impossible to deepcopy
+_TOKENS = threading.local()
 
 
 @contextlib.contextmanager
@@ -63,12 +67,11 @@ def _timestep_pre_hook(module, args, kwargs):
     t = torch.as_tensor(t, device=sample.device).reshape(-1)
     if t.numel() == 1:
         t = t.expand(sample.shape[0])
-    module._gaq_t_token = _CURRENT_T.set(t)
+    _TOKENS.__dict__.setdefault("stack", []).append(_CURRENT_T.set(t))
 
 
 def _timestep_post_hook(module, args, kwargs, out):
-    # popped, not kept: a contextvars token left on the module would make it impossible to deepcopy
-    _CURRENT_T.reset(module.__dict__.pop("_gaq_t_token"))
+    _CURRENT_T.reset(_TOKENS.stack.pop())
 
 
 def install_timestep_hook(unet: nn.Module) -> None:

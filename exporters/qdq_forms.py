@@ -93,7 +93,7 @@ def _prepare_layer(layer: nn.Module, added: list) -> None:
     transpose = isinstance(layer, QuantLinear)
     parts = layer.input_parts(layer.weight_int) if layer.split else [layer.weight_int]
     for i, (w, q) in enumerate(zip(parts, layer.weight_quantizers)):
-        stored = w.round().to(_int_dtype(q.qmin))
+        stored = w.to(_int_dtype(q.qmin))
         # 4-bit values are held in int8 / uint8 here; the int4 export narrows them afterwards
         _attach(layer, f"qdq_weight{i}", stored.t().contiguous() if transpose else stored.contiguous(), added)
         _attach(layer, f"qdq_weight_scale{i}", q.scale.reshape(-1), added)

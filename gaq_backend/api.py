@@ -122,12 +122,14 @@ def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: Calibr
     calibration.check_finite()
     if len(calibration.train) == 0:
         raise ValueError("calibration set has no training samples")
+    held_out = calibration.val.spread(64)  # up to 64 held-out inputs spread over all timesteps, for the export parity check
+    if config.calibration.storage_dtype != "model":
+        calibration = calibration.stored_as(getattr(torch, config.calibration.storage_dtype))
     model.eval()
     fp_model = copy.deepcopy(model).requires_grad_(False) if spec.needs_fp_model else None
     report = wrap_for_config(model, config)
     model.requires_grad_(False)
     stats = spec.run(model, config, calibration, fp_model=fp_model, progress=progress)
     freeze_weights(model)
-    # up to 64 held-out inputs spread over all timesteps, for the export parity check
-    model.gaq_info = QuantizationInfo(config, report, stats or {}, calibration.val.spread(64))
+    model.gaq_info = QuantizationInfo(config, report, stats or {}, held_out)
     return model

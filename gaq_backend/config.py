@@ -133,6 +133,9 @@ class CalibrationConfig(GaqBaseConfig):
     height: int = field(default=0, metadata=at_least(0))   # 0: the pipeline's default
     width: int = field(default=0, metadata=at_least(0))
     class_labels: list[int] = field(default_factory=list)
+    # float calibration inputs held in this precision during calibration ("model": the model's dtype);
+    # float16 / bfloat16 halve their memory for a float32 model (docs/memory.md measures the effect)
+    storage_dtype: Literal["model", "float16", "bfloat16"] = "model"
 
     def n_val(self) -> int:
         """Validation samples held out of each recorded step."""

@@ -11,14 +11,14 @@ import torch
 from . import __version__
 from .api import quantize
 from .calibration import capture_calibration
-from .calibration.capture import class_conditioning
+from .calibration.capture import CalibrationSet, class_conditioning
 from .config import ConfigError
 from .evaluation import noise_mse, save_grid, side_by_side, to_uint8
 from .evaluation.images import grid
 from .calibration.pipeline_capture import capture_from_pipeline, pipeline_images
 from .models.loading import LoadedModel, load_model, make_scheduler_for, resolve_model_path
 from .recipe import Recipe
-from .sampling import ddim_sample, initial_noise
+from .sampling import ddim_sample, initial_noise, model_dtype
 from .serialization import FOLDER_FILES, write_quantized
 from .utils.cache import prepare_cache_dir
 from .utils.io import check_output_dir, output_dir, write_json
@@ -71,6 +71,45 @@ def preflight(recipe: Recipe, loaded: LoadedModel) -> None:
                f"{calib.n_per_step * n_recorded} calibration samples", "calibration.n_per_step")
 
 
+def expected_rows(recipe: Recipe, loaded: LoadedModel) -> int:
+    """Calibration rows the recipe's capture will record (classifier-free guidance records two per image)."""
+    cal = recipe.calibration
+    rows = cal.n_per_step * len(range(0, recipe.sampler.num_inference_steps, cal.interval))
+    cfg_pairs = getattr(loaded.pipeline, "text_encoder", None) is not None and cal.guidance_scale > 1
+    return rows * (2 if cfg_pairs else 1)
+
+
+def example_row(recipe: Recipe, loaded: LoadedModel) -> CalibrationSet:
+    """One zero calibration row shaped as the capture will record it (latent size, prompt length)."""
+    from exporters.signature import cond_inputs, example_inputs
+
+    unet, pipe, cal = loaded.unet, loaded.pipeline, recipe.calibration
+    tokenizer = getattr(pipe, "tokenizer", None)
+    inputs = example_inputs(unet, batch=1, sequence=getattr(tokenizer, "model_max_length", 77))
+    x = inputs[0]
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if scale and (cal.height or cal.width):
+        h, w = cal.height or x.shape[2] * scale, cal.width or x.shape[3] * scale
+        x = torch.zeros(1, x.shape[1], h // scale, w // scale)
+    zero, dtype = torch.zeros(1, dtype=torch.long), model_dtype(unet)
+    cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in zip(cond_inputs(unet), inputs[2:])}
+    return CalibrationSet(x.to(dtype), inputs[1].reshape(1), x.to(dtype), zero, zero.bool(), zero, cond)
+
+
+def print_memory_estimate(recipe: Recipe, loaded: LoadedModel, device: torch.device, log=print):
+    """``--dry-run``: the memory plan calibration would print, from one zero row, without capturing anything."""
+    from .algorithms.reconstruction import ReconstructionConfig, plan_sweep
+    from .api import wrap_for_config
+
+    qcfg = recipe.quant_config()
+    if not isinstance(qcfg.algorithm, ReconstructionConfig):
+        log(f"memory estimate: {recipe.algorithm} holds no per-unit cache (model and calibration inputs only)")
+        return None
+    wrap_for_config(loaded.unet, qcfg)
+    return plan_sweep(loaded.unet, qcfg, example_row(recipe, loaded), qcfg.algorithm, log=log,
+                      rows=expected_rows(recipe, loaded), device=device)[1]
+
+
 def default_out_dir(recipe: Recipe) -> str:
     return os.path.join("out", f"{recipe.name or 'recipe'}-{recipe.algorithm}")
 
@@ -121,6 +160,7 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
     unet, sched_cfg, pipe = loaded.unet, loaded.scheduler_config, loaded.pipeline
     preflight(recipe, loaded)
     if dry_run:
+        print_memory_estimate(recipe, loaded, dev, log)
         return None
     (pipe if pipe is not None else unet).to(dev)  # calibration data stays on the host; the model computes on dev
     rep = recipe.report

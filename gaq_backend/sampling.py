@@ -24,15 +24,16 @@ def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
     """Noise prediction of a diffusers UNet for a batch of inputs with one timestep each. ``cond`` holds
     the other forward inputs by name, nested ones (``added_cond_kwargs``) as ``"added_cond_kwargs.text_embeds"``."""
     device = unet.conv_in.weight.device  # calibration data lives on the host; the model may not
+    dtype = unet.conv_in.weight.dtype    # and may be stored in another precision (calibration.storage_dtype)
     kwargs: dict = {}
     for k, v in (cond or {}).items():
         head, _, tail = k.partition(".")
-        v = v.to(device)
+        v = v.to(device, dtype) if v.is_floating_point() else v.to(device)
         if tail:
             kwargs.setdefault(head, {})[tail] = v
         else:
             kwargs[k] = v
-    return unet(x.to(device), t.to(device), **kwargs).sample
+    return unet(x.to(device, dtype), t.to(device), **kwargs).sample
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -33,12 +33,12 @@ FOLDER_FILES = (WEIGHTS_FILE, UNET_CONFIG_FILE, SCHEDULER_FILE, "recipe.yaml", S
 
 
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict without the float weights that integer weights replace; integer weights as int8."""
+    """State dict without the float weights that integer weights replace; integer weights as int8 / uint8 codes."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for name, layer in quant_layers(model):
         if layer.weight_int is not None:
             del state[f"{name}.weight"]
-            state[f"{name}.weight_int"] = layer.weight_int.to("cpu", torch.int8)
+            state[f"{name}.weight_int"] = layer.weight_int.to("cpu")
     return state
 
 
@@ -195,7 +195,7 @@ def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
     for name, layer in quant_layers(model):
         key = f"{name}.weight_int"
         if key in state:
-            layer.weight_int = state[key].float()
+            layer.weight_int = state[key].to(layer.weight_quantizers[0].code_dtype)
             state[key] = layer.weight_int
     try:
         result = model.load_state_dict(state, strict=False)

@@ -66,7 +66,7 @@ def test_hard_rounding_puts_every_weight_on_its_grid():
     q = layer.weight_quantizers[0]
     codes = layer.weight / q.scale
     assert torch.allclose(codes, codes.round(), atol=1e-4)
-    assert torch.equal(layer.weight_int, codes.round()) and layer.weight_int.min() >= -8 and layer.weight_int.max() <= 7
+    assert torch.equal(layer.weight_int.float(), codes.round()) and layer.weight_int.min() >= -8 and layer.weight_int.max() <= 7
     # each weight rounded to one of its two neighbouring grid points
     floor = torch.floor(_conv_layer().weight.detach() / q.scale)
     down, up = floor.clamp(-8, 7), (floor + 1).clamp(-8, 7)

@@ -8,7 +8,7 @@ else scales from that with the number of rows, the batch size and the unit's wei
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -139,9 +139,8 @@ class MemoryPlan:
         held = self.model + self.paused_passes + min(self.unit_cache, self.budget) + self.reconstruction
         return held + (self.calibration if self.device == "cpu" else 0)
 
-    def rows_that_fit(self, total: int) -> int:
-        """Calibration rows whose data would fit in ``total`` bytes of memory, with the unit cache in memory."""
-        return max(0, (total - self.model - self.reconstruction) // max(1, self.per_row))
+    def to_dict(self) -> dict:
+        return dict(asdict(self), peak=self.peak, spills=self.spills)
 
     def summary(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731

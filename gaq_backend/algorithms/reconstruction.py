@@ -145,13 +145,16 @@ def init_ranges(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cf
 
 
 def plan_sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: ReconstructionConfig,
-               exclude: tuple[str, ...] = (), log: Callable[[str], None] | None = print) -> tuple[list[ReconUnit], MemoryPlan]:
-    """The units in forward order and the memory plan (printed with ``log``; refused when it cannot fit)."""
+               exclude: tuple[str, ...] = (), log: Callable[[str], None] | None = print, rows: int | None = None,
+               device: torch.device | None = None) -> tuple[list[ReconUnit], MemoryPlan]:
+    """The units in forward order and the memory plan for ``rows`` (default: all of ``calib``'s) calibration
+    rows shaped like ``calib``'s, printed with ``log``; refused when it cannot fit."""
     units = reconstruction_units(model, exclude)
     with full_precision(model):  # shapes only; the quantizers may not be calibrated yet
         probe = probe_units(model, units, calib)
-    calib_bytes = sum(v.numel() * v.element_size() for v in [calib.x, calib.t, calib.eps, *calib.cond.values()])
-    plan = plan_memory(model, probe, len(calib), calib_bytes, cfg.batch_size, cfg.cache_memory_gib)
+    rows = len(calib) if rows is None else rows
+    calib_bytes = sum(v.numel() * v.element_size() for v in [calib.x, calib.t, calib.eps, *calib.cond.values()]) * rows // len(calib)
+    plan = plan_memory(model, probe, rows, calib_bytes, cfg.batch_size, cfg.cache_memory_gib, device)
     if log is not None:
         log(plan.summary())
     return probe.order, plan

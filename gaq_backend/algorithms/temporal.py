@@ -111,5 +111,6 @@ def calibrate_temporal(model: nn.Module, config: QuantConfig, calib: Calibration
         stats["temporal_block"]["seconds"] = time.perf_counter() - t0
     else:
         stats["temporal_block"] = "all time-path layers are kept in full precision (keep_fp); nothing to reconstruct"
+    stats["memory_plan"] = plan.to_dict()
     stats["blocks"] = sweep(model, config, calib, cfg, progress, units, plan, weight_fn=weight_fn)
     return stats

@@ -24,4 +24,4 @@ def calibrate_uniform(model: nn.Module, config: QuantConfig, calib: CalibrationS
     """``weight_fn`` (see ``sweep``) weights the units' samples; None weights them equally."""
     units, plan = plan_sweep(model, config, calib, config.algorithm, log=print if progress else None)
     init_ranges(model, config, calib, config.algorithm, progress)
-    return {"blocks": sweep(model, config, calib, config.algorithm, progress, units, plan, weight_fn=weight_fn)}
+    return {"memory_plan": plan.to_dict(), "blocks": sweep(model, config, calib, config.algorithm, progress, units, plan, weight_fn=weight_fn)}

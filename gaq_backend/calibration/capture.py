@@ -61,6 +61,12 @@ class CalibrationSet:
         for i in range(0, len(self), batch_size):
             yield self.subset(slice(i, i + batch_size))
 
+    def stored_as(self, dtype: torch.dtype) -> "CalibrationSet":
+        """The same rows with float inputs (x, eps, float conditioning) in ``dtype``; the model casts them back."""
+        cast = lambda v: v.to(dtype) if v.is_floating_point() else v  # noqa: E731
+        return CalibrationSet(cast(self.x), self.t, cast(self.eps), self.step, self.is_val, self.group,
+                              {k: cast(v) for k, v in self.cond.items()}, self.timesteps)
+
     def check_finite(self) -> None:
         check_finite(dict(x=self.x, eps=self.eps, t=self.t))
 

@@ -87,7 +87,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> str:
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -138,6 +138,11 @@ class UniformQuantizer(nn.Module):
         else:
             raise ValueError(f"unknown range method {method!r} (allowed: max, mse)")
 
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """The smallest integer type holding every code: int8 for signed ranges, uint8 for unsigned (bits <= 8)."""
+        return torch.int8 if self.qmin < 0 else torch.uint8
+
     def integer(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``x`` (no gradient)."""
         return torch.clamp(torch.round(at_least_float32(x) / self.scale) + self.zero_point, self.qmin, self.qmax)

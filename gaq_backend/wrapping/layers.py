@@ -41,7 +41,7 @@ class QuantLayerMixin:
         self.act_quantizers = nn.ModuleList([UniformQuantizer(a_bits, a_symmetric, device=self.weight.device) for _ in range(parts)])
         # AdaRound and similar algorithms plug a module here that returns the quantized weight parts.
         self.weight_rounding = None
-        # Integer weights fixed at the end of calibration (what is saved and exported).
+        # Integer weights (int8 / uint8 codes) fixed by calibration (what is saved and exported).
         self.register_buffer("weight_int", None)
         self.use_weight_quant = True
         self.use_act_quant = True
@@ -82,7 +82,8 @@ class QuantLayerMixin:
                 ints = self.weight_rounding.integers(self)
             else:
                 ints = [q.integer(w) for w, q in zip(self.weight_parts(), self.weight_quantizers)]
-            self.weight_int = torch.cat(ints, dim=1) if len(ints) > 1 else ints[0]
+            # one byte per weight: with the float weight, rounded layers hold 1.25x (fp32) their FP size, not 2x
+            self.weight_int = (torch.cat(ints, dim=1) if len(ints) > 1 else ints[0]).to(self.weight_quantizers[0].code_dtype)
             self.weight_rounding = None
         if sync_float:
             self.weight.data.copy_(self.quantized_weight())

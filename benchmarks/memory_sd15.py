@@ -1,0 +1,140 @@
+"""Peak memory and time of block reconstruction on an SD-1.5-shaped UNet (random weights, no download).
+
+    python benchmarks/memory_sd15.py --rows 16 32 64 --json runs/bench/memory_sd15.json
+
+The UNet is diffusers' UNet2DConditionModel built from the public SD 1.5 UNet config (860M parameters,
+3.44 GB in float32) with seeded random weights. Calibration rows come in classifier-free-guidance pairs
+(unconditional and conditional text embeddings, 77 x 768) at a 32x32 latent, over 4 timesteps. Each size
+runs `uniform` W4A8 with a few AdaRound and step-size iterations in its own process, whose peak resident
+memory (VmHWM) is the figure reported beside the estimate gaq prints before the work. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GiB = 2**30
+# huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json (the keys that shape the model)
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+)
+
+
+def peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def calibration(rows: int, latent: int, seed: int):
+    """``rows`` CFG-paired rows over 4 recorded timesteps, as gaq's pipeline capture records them."""
+    import torch
+
+    from gaq_backend.calibration.recorder import calibration_from_tensors
+
+    g = torch.Generator().manual_seed(seed)
+    timesteps = torch.arange(976, -1, -25)  # a 40-step sampler
+    steps = torch.arange(rows) * 4 // rows  # 4 recorded steps (every 10th of 40), rows spread evenly
+    uncond, cond = torch.randn(1, 77, 768, generator=g), torch.randn(rows // 2, 77, 768, generator=g)
+    text = torch.stack([uncond.expand(rows // 2, -1, -1), cond], 1).reshape(rows, 77, 768)  # (uncond, cond) pairs
+    raw = dict(x=torch.randn(rows, 4, latent, latent, generator=g), t=timesteps[steps * 10].float(),
+               eps=torch.randn(rows, 4, latent, latent, generator=g), step=steps, timesteps=timesteps.float(),
+               encoder_hidden_states=text)
+    return calibration_from_tensors(raw, val_fraction=0.1, n_groups=4, seed=seed)
+
+
+def rows_that_fit(plan: dict, total: int) -> int:
+    """Rows whose calibration data, paused passes and unit cache fit in ``total`` bytes beside the model and training."""
+    return max(0, (total - plan["model"] - plan["reconstruction"]) // max(1, plan["per_row"]))
+
+
+def child(args) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from gaq_backend.algorithms.uniform import UniformConfig
+    from gaq_backend.api import quantize
+    from gaq_backend.config import preset
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    rss_model = peak_rss()
+    calib = calibration(args.rows[0], args.latent, seed=0)
+    algo = UniformConfig(iters=args.iters, act_iters=args.iters, batch_size=args.batch_size, cache_batch_size=args.cache_batch_size)
+    config = preset("W4A8", algorithm=algo)
+    t1 = time.perf_counter()
+    quantize(unet, config, calib, progress=False)
+    t2 = time.perf_counter()
+    stats = unet.gaq_info.stats
+    blocks = [b for b in stats["blocks"].values() if b["kind"] == "block"]
+    per_iter = [b["seconds_reconstruct"] / (2 * args.iters) for b in blocks]
+    return dict(rows=args.rows[0], latent=args.latent, weights_bytes=weights, params=sum(p.numel() for p in unet.parameters()),
+                peak_rss=peak_rss(), rss_after_model=rss_model, seconds_build=t1 - t0, seconds_quantize=t2 - t1,
+                seconds_cache=sum(b["seconds_cache"] for b in stats["blocks"].values()),
+                seconds_per_block_iteration_mean=sum(per_iter) / len(per_iter), seconds_per_block_iteration_max=max(per_iter),
+                units=len(stats["blocks"]), on_disk=sum(b["on_disk"] for b in stats["blocks"].values()),
+                plan=stats["memory_plan"], rows_fit_24gb=rows_that_fit(stats["memory_plan"], 24 * 10**9))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64], help="calibration rows (CFG pairs count twice)")
+    ap.add_argument("--latent", type=int, default=32)
+    ap.add_argument("--iters", type=int, default=2, help="AdaRound iterations per unit (as many step-size iterations)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--cache-batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    results = []
+    for rows in args.rows:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--rows", str(rows), "--latent", str(args.latent),
+               "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--cache-batch-size", str(args.cache_batch_size),
+               "--threads", str(args.threads)]
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"rows {rows}: peak {r['peak_rss'] / GiB:.2f} GiB (estimate {r['plan']['peak'] / GiB:.2f}), "
+              f"quantize {r['seconds_quantize']:.0f} s", file=sys.stderr, flush=True)
+    w = results[0]["weights_bytes"]
+    print(f"\nSD-1.5-shaped UNet2DConditionModel, {results[0]['params'] / 1e6:.0f}M parameters ({w / GiB:.2f} GiB fp32); "
+          f"{args.latent}x{args.latent} latent, uniform W4A8, {args.iters}+{args.iters} iterations per unit, batch {args.batch_size}, "
+          f"{args.threads} thread(s), {platform.processor() or platform.machine()}\n")
+    print("| rows | peak RSS | target 1.5 W + 1 GiB | estimated peak | paused passes | largest unit cache | quantize | "
+          "of which caching | per block-iteration (mean / max) | rows that fit in 24 GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        p = r["plan"]
+        print(f"| {r['rows']} | {r['peak_rss'] / GiB:.2f} GiB | {(1.5 * w + GiB) / GiB:.2f} GiB | {p['peak'] / GiB:.2f} GiB | "
+              f"{p['paused_passes'] / GiB:.2f} GiB | {p['unit_cache'] / GiB:.2f} GiB | {r['seconds_quantize']:.0f} s | "
+              f"{r['seconds_cache']:.0f} s | {r['seconds_per_block_iteration_mean']:.2f} / {r['seconds_per_block_iteration_max']:.2f} s | "
+              f"{r['rows_fit_24gb']} |")
+    if args.json:
+        from gaq_backend.utils.io import atomic_path
+
+        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
+            json.dump(dict(results=results, args=vars(args), machine=platform.machine(), cpus=os.cpu_count()), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

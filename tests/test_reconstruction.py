@@ -109,12 +109,34 @@ def test_activation_step_sizes_reduce_block_error():
     assert after < 0.8 * before
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rounding_in_place_keeps_one_tensor_and_the_same_codes(dtype):
+    """Block reconstruction writes the rounded weight into the float weight and drops the codes when they read
+    back exactly (the final freeze derives them again); otherwise (bf16 at 8 bits) it keeps them."""
+    reference, layer = _conv_layer(), _conv_layer()
+    for l in (reference, layer):
+        l.to(dtype)
+        l.weight_rounding = AdaRound(l)
+        with torch.no_grad():
+            l.weight_rounding.V[0].copy_(torch.randn(l.weight.shape, generator=torch.Generator().manual_seed(1)))
+    reference.freeze_weight()
+    layer.round_in_place()
+    assert layer.weight_rounding is None and torch.equal(layer.weight, reference.weight)
+    assert layer.weight_int is None or torch.equal(layer.weight_int, reference.weight_int)
+    if dtype != torch.bfloat16:
+        assert layer.weight_int is None
+    with torch.no_grad():
+        assert torch.equal(layer.quantized_weight(), reference.quantized_weight())
+    layer.freeze_weight()
+    assert torch.equal(layer.weight_int, reference.weight_int) and torch.equal(layer.weight, reference.weight)
+
+
 def test_uniform_sample_weights_reproduce_the_unweighted_reconstruction_exactly():
     results = []
     for factors in (None, sample_factors(torch.full((64,), 1 / 64)), sample_factors(torch.softmax(torch.zeros(64), 0))):
         layer = _conv_layer(cin=8, cout=8)
         info = reconstruct_unit(ReconUnit("conv", layer, "layer"), _block_data(layer), UniformConfig(iters=50, act_iters=0), 32, factors)
-        results.append((info["curve"], layer.weight_int.clone()))
+        results.append((info["curve"], layer.weight.detach().clone()))  # the rounded weight, in place
     for curve, w in results[1:]:
         assert curve == results[0][0] and torch.equal(w, results[0][1])
     loss = torch.rand(10)

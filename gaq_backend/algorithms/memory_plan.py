@@ -8,7 +8,7 @@ else scales from that with the number of rows, the batch size and the unit's wei
 from __future__ import annotations
 
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from .block_cache import output_tensor
 from .blocks import ReconUnit
 
 GiB = 2**30
+ADAROUND_BYTES_PER_WEIGHT = 40
 
 
 def _nbytes(v) -> int:
@@ -124,6 +125,7 @@ class MemoryPlan:
     paused_passes: int      # what the two streams' paused forward passes keep alive
     unit_cache: int         # the largest unit's inputs and FP targets over all rows
     reconstruction: int     # the largest unit's training working set (activations at batch size, AdaRound state)
+    codes: int              # the integer weights (one byte each) the final freeze adds beside the float weights
     largest_unit: str
     budget: int             # unit cache held in memory up to this; above it, memory-mapped from disk
     free: int               # free memory on the device when the plan was made
@@ -136,11 +138,11 @@ class MemoryPlan:
     @property
     def peak(self) -> int:
         """Peak on the model's device (the host too when that is the CPU)."""
-        held = self.model + self.paused_passes + min(self.unit_cache, self.budget) + self.reconstruction
-        return held + (self.calibration if self.device == "cpu" else 0)
+        sweep = self.paused_passes + min(self.unit_cache, self.budget) + self.reconstruction
+        return self.model + max(sweep, self.codes) + (self.calibration if self.device == "cpu" else 0)
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), peak=self.peak, spills=self.spills)
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "peak": self.peak, "spills": self.spills}
 
     def summary(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
@@ -158,14 +160,17 @@ def plan_memory(model: nn.Module, probe: Probe, rows: int, calibration_bytes: in
     device = device or next(model.parameters()).device
     model_bytes = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
     name, fp = max(probe.footprint.items(), key=lambda kv: kv[1].cache_row)
-    # AdaRound: V, its gradient and Adam's two moments in float32; activations twice (forward and gradients)
-    recon = max(2 * min(batch_size, rows) * f.work_row + 16 * f.weights for f in probe.footprint.values())
+    # AdaRound, per weight in float32: floors, V, its gradient, Adam's two moments and step temporaries, the soft
+    # weight (and its concatenation for split layers), measured at 39 bytes on the largest SD 1.5 block;
+    # activations twice (forward and gradients)
+    recon = max(2 * min(batch_size, rows) * f.work_row + ADAROUND_BYTES_PER_WEIGHT * f.weights for f in probe.footprint.values())
     paused = 2 * probe.live_row * rows
     free = free_bytes(device)  # the model and the calibration inputs are already resident
     held = paused + recon
     budget = int(budget_gib * GiB) if budget_gib > 0 else max(0, int(0.9 * free) - held)
     per_row = probe.live_row * 2 + fp.cache_row + calibration_bytes // max(1, rows)
-    plan = MemoryPlan(str(device), rows, model_bytes, calibration_bytes, paused, fp.cache_row * rows, recon, name,
+    codes = sum(f.weights for f in probe.footprint.values())
+    plan = MemoryPlan(str(device), rows, model_bytes, calibration_bytes, paused, fp.cache_row * rows, recon, codes, name,
                       budget, free, per_row)
     if held > free:
         raise ValueError(f"block reconstruction needs {held / GiB:.1f} GiB on {device} for the paused forward passes of "

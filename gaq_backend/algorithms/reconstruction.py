@@ -77,9 +77,10 @@ def rounding_loss(layers: list, it: int, iters: int, cfg: ReconstructionConfig) 
 
 
 def learn_rounding(layers: list, n: int, iters: int, cfg: ReconstructionConfig, gen: torch.Generator,
-                   batch_loss: Callable[[torch.Tensor], torch.Tensor]) -> list[float]:
+                   batch_loss: Callable[[torch.Tensor], torch.Tensor], keep_float: bool = False) -> list[float]:
     """AdaRound on ``layers``: Adam on V against ``batch_loss(idx)`` plus the rounding term, then hard rounding.
-    Returns the reconstruction-loss curve."""
+    ``keep_float`` keeps the FP float weight beside the integer codes, for layers that FP passes still run
+    (``full_precision``); otherwise the rounded weight replaces it. Returns the reconstruction-loss curve."""
     for l in layers:
         l.weight_rounding = AdaRound(l)
     opt = torch.optim.Adam([v for l in layers for v in l.weight_rounding.V], lr=cfg.lr)
@@ -91,8 +92,8 @@ def learn_rounding(layers: list, n: int, iters: int, cfg: ReconstructionConfig, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    for l in layers:
-        l.freeze_weight(sync_float=False)  # hard rounding: h = 1[V >= 0]; the float weight stays the FP one
+    for l in layers:  # hard rounding: h = 1[V >= 0]
+        l.freeze_weight(sync_float=False) if keep_float else l.round_in_place()
     return curve
 
 

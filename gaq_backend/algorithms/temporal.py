@@ -59,7 +59,7 @@ def reconstruct_tib(model: nn.Module, layers: dict[str, QuantLayerMixin], t_all:
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         return sum(per_sample_lp(o, tg[idx], 2.0).mean() for o, tg in zip(time_features(model, t_all[idx]), targets))
 
-    curve = learn_rounding(tib, len(t_all), cfg.tib_iters, cfg, gen, batch_loss)
+    curve = learn_rounding(tib, len(t_all), cfg.tib_iters, cfg, gen, batch_loss, keep_float=True)  # the FP passes run them
     for l in tib:
         l.use_act_quant = True
     if a_bits < 32:

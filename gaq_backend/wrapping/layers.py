@@ -88,6 +88,18 @@ class QuantLayerMixin:
         if sync_float:
             self.weight.data.copy_(self.quantized_weight())
 
+    @torch.no_grad()
+    def round_in_place(self) -> None:
+        """Fix the rounding into the float weight itself and drop the integer codes where they can be read back
+        exactly (``freeze_weight`` derives them again at the end): a rounded layer then holds one tensor, not
+        a float weight and its codes. For block reconstruction, whose FP passes never revisit a rounded unit."""
+        self.freeze_weight(sync_float=True)
+        if self.weight_int is None:
+            return
+        parts = self.input_parts(self.weight_int) if self.split else [self.weight_int]
+        if all(torch.equal(q.integer(w).to(c.dtype), c) for w, c, q in zip(self.weight_parts(), parts, self.weight_quantizers)):
+            self.weight_int = None  # fake-quantizing the rounded weight gives it back bit for bit
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.quantize_input(x) if self.use_act_quant else x
         return self._op(x, self.quantized_weight() if self.use_weight_quant else self.weight)

@@ -36,9 +36,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.fid_eval import evaluate_dir
     from .evaluation.reference import default_reference
+    from .pipeline import resolve_device
 
     res = evaluate_dir(args.dir, args.reference or default_reference(), args.num_samples, args.seed, args.steps, args.batch_size,
-                       args.reference_count, args.cache_dir, progress=not args.quiet)
+                       args.reference_count, args.cache_dir, progress=not args.quiet, device=resolve_device(args.device))
     n, ref = res["n_samples"], res["reference"]
     print(f"n = {n} samples per model, reference {ref['name']} ({ref['n']} images), {res['sampler']['num_inference_steps']} DDIM steps")
     for name in ("fp", "quantized"):
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=POSITIVE, default=250)
     e.add_argument("--reference-count", type=_int_in(2), help="use only the first N reference images")
     e.add_argument("--cache-dir", default=".cache/gaq")
+    e.add_argument("--device", help="where both models sample: cpu, cuda, ... (default: cuda when available, else cpu)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_eval)
 

@@ -76,7 +76,9 @@ def sample_features(unet, sched_cfg: dict, sampler: SamplerConfig, n: int, seed:
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     path = None
     if cache_dir is not None:
-        key = f"samples-{model_fingerprint(unet)}-{sampler.num_inference_steps}-{sampler.eta}-{n}-{seed}-f{FORMAT}"
+        device = unet.conv_in.weight.device.type  # a GPU's kernels give other floats than the CPU's
+        key = f"samples-{model_fingerprint(unet)}-{sampler.num_inference_steps}-{sampler.eta}-{n}-{seed}-f{FORMAT}" + \
+              ("" if device == "cpu" else f"-{device}")
         path = os.path.join(cache_dir, key + ".safetensors")
         fs = FeatureSet.load(path)
         if fs is not None:
@@ -91,7 +93,10 @@ def sample_features(unet, sched_cfg: dict, sampler: SamplerConfig, n: int, seed:
 
 
 def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, steps: int | None = None, batch: int = 250,
-                 reference_count: int | None = None, cache_dir: str = ".cache/gaq", progress: bool = True) -> dict[str, Any]:
+                 reference_count: int | None = None, cache_dir: str = ".cache/gaq", progress: bool = True,
+                 device: str | torch.device = "cpu") -> dict[str, Any]:
+    """FID and friends of ``folder``'s quantized model and its FP model against ``reference``; both models
+    sample on ``device`` (the DDIM loop and the Inception features run on the host)."""
     from ..models.loading import load_model
     from ..recipe import USER_MODEL
     from ..serialization import load_quantized
@@ -101,7 +106,8 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
     if recipe.model == USER_MODEL or any(getattr(qmodel.config, k, None) for k in ("cross_attention_dim", "num_class_embeds", "class_embed_type")):
         raise ValueError(f"{folder}: gaq eval measures FID of unconditional UNets quantized from a model folder; this one is "
                          "conditional or was quantized from Python (no base model path)")
-    fp_model = load_model(recipe.model, recipe.model_options).unet
+    fp_model = load_model(recipe.model, recipe.model_options).unet.to(device)
+    qmodel.to(device)
     sampler = SamplerConfig(kind=recipe.sampler.kind, num_inference_steps=steps or recipe.sampler.num_inference_steps, eta=recipe.sampler.eta)
     prepare_cache_dir(cache_dir, "--cache-dir")
     c, s = fp_model.config.in_channels, fp_model.config.sample_size

@@ -5,7 +5,9 @@
 - :mod:`exporters.validate`: ``onnx.checker`` and onnxruntime-vs-torch parity, with its bound.
 - :mod:`exporters.ort_runtime`, :mod:`exporters.ort_sampler`: onnxruntime sessions and the DDIM
   sampler, NumPy only (``gaq sample --onnx`` runs without torch).
-- :mod:`exporters.bench`: ``gaq bench`` (latency of FP32 / FP16 / quantize_static / gaq exports).
+- :mod:`exporters.openvino_runtime`, :mod:`exporters.runtimes`: OpenVINO sessions shaped like onnxruntime's,
+  and the one function that opens either.
+- :mod:`exporters.bench`: ``gaq bench`` (latency of FP32 / FP16 / quantize_static / gaq exports, NNCF's INT8 in OpenVINO).
 
 Submodules are imported explicitly; this package imports nothing, so the torch-free path stays torch-free.
 """

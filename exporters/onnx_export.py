@@ -262,7 +262,8 @@ def build_quantized_onnx(unet: nn.Module, weights: str, opset: int, metadata: di
 
 
 def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 21, check_samples: int = 64,
-                     external_data: bool | None = None, progress: bool = True, overwrite: bool = False) -> ExportResult:
+                     external_data: bool | None = None, progress: bool = True, overwrite: bool = False,
+                     runtime: str = "onnxruntime") -> ExportResult:
     """Export a ``gaq quantize`` output directory to ``out``; validate before writing; return what was done."""
     from gaq_backend import __version__, load_quantized
     from gaq_backend.sampling import model_dtype
@@ -297,7 +298,7 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
     if extra:
         raise ValueError(f"the UNet was calibrated with inputs outside the exported contract ({', '.join(extra)}); "
                          "the ONNX graph could not take them")
-    parity = save_model_atomic(model, out, external_data, check=lambda path: validate(path, unet, x, t, cond), overwrite=overwrite)
+    parity = save_model_atomic(model, out, external_data, check=lambda path: validate(path, unet, x, t, cond, runtime), overwrite=overwrite)
     if config_path:
         write_json(config_path, {"_class_name": type(unet).__name__, "_gaq_export": os.path.basename(out),
                                  **{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}})

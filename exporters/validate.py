@@ -21,7 +21,8 @@ import onnx
 import torch
 from torch import nn
 
-from .ort_runtime import create_session, predict_noise
+from .ort_runtime import predict_noise
+from .runtimes import open_session
 
 # Measured (docs/benchmarks.md section 5): the onnxruntime / float64 ratio of the mean is 0.9-1.1 on the
 # embedded UNet (W4A8, W8A8) and on a random 35.7M-parameter UNet (where float64 itself moves the output
@@ -67,14 +68,15 @@ def _run_torch(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict, ba
 
 @torch.no_grad()
 def compare_with_torch(model: onnx.ModelProto | str, unet: nn.Module, x: torch.Tensor, t: torch.Tensor,
-                       cond: dict | None = None, batch_size: int = 64) -> dict:
+                       cond: dict | None = None, batch_size: int = 64, runtime: str = "onnxruntime") -> dict:
     """|onnxruntime CPU - torch| over the inputs, absolute and in output INT8 steps, with the bounds
     derived from |torch float64 - torch float32| on the same inputs."""
     cond = cond or {}
     ref = _run_torch(unet, x, t, cond, batch_size)
     cond64 = {k: v.double() if v.is_floating_point() else v for k, v in cond.items()}
     ref64 = _run_torch(copy.deepcopy(unet).double(), x.double(), t.double() if t.is_floating_point() else t, cond64, batch_size)
-    got = predict_noise(create_session(model), x.float().numpy(), t.numpy(), batch_size,
+    session = open_session(model, runtime, "cpu", precision="f32")  # OpenVINO's bf16 default is not a parity check
+    got = predict_noise(session, x.float().numpy(), t.numpy(), batch_size,
                         {k: v.numpy() for k, v in cond.items()})
     if got.shape != ref.shape:
         raise ParityError(f"onnxruntime output shape {got.shape} differs from torch {ref.shape}")
@@ -83,7 +85,7 @@ def compare_with_torch(model: onnx.ModelProto | str, unet: nn.Module, x: torch.T
     diff, diff64 = np.abs(got.astype(np.float64) - ref), np.abs(ref64 - ref)
     step = float(np.abs(ref).max()) / 127 or 1.0
     f64 = dict(mean_steps=float(diff64.mean() / step), max_steps=float(diff64.max() / step))
-    return dict(n_inputs=int(len(x)), output_step=step, max_abs=float(diff.max()), mean_abs=float(diff.mean()),
+    return dict(runtime=session.get_providers()[0], n_inputs=int(len(x)), output_step=step, max_abs=float(diff.max()), mean_abs=float(diff.mean()),
                 max_steps=float(diff.max() / step), mean_steps=float(diff.mean() / step),
                 p99_steps=float(np.percentile(diff, 99) / step), frac_over_half_step=float((diff > 0.5 * step).mean()),
                 float64_vs_float32=f64,
@@ -91,16 +93,17 @@ def compare_with_torch(model: onnx.ModelProto | str, unet: nn.Module, x: torch.T
                             max_steps=max(MAX_FIXED, MAX_FACTOR * f64["max_steps"])))
 
 
-def validate(model: onnx.ModelProto | str, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> dict:
+def validate(model: onnx.ModelProto | str, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None,
+             runtime: str = "onnxruntime") -> dict:
     """Full checker, then parity, of a model or a written file (a path also checks external data);
     raises :class:`ParityError` naming the bound that failed."""
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as e:
         raise ParityError(f"onnx.checker rejected the exported graph: {str(e).splitlines()[0]}") from e
-    res = compare_with_torch(model, unet, x, t, cond)
+    res = compare_with_torch(model, unet, x, t, cond, runtime=runtime)
     over = [f"{k} {res[k]:.3g} > {b:.3g}" for k, b in res["bounds"].items() if res[k] > b]
     if over:
-        raise ParityError(f"onnxruntime differs from the PyTorch fake-quant model by more than the bound, in output INT8 "
+        raise ParityError(f"{res['runtime']} differs from the PyTorch fake-quant model by more than the bound, in output INT8 "
                           f"steps ({'; '.join(over)}); nothing was written")
     return res

@@ -54,12 +54,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from exporters.onnx_export import export_quantized
 
     res = export_quantized(args.dir, args.out, args.weights, args.opset, args.check_samples,
-                           True if args.external_data else None, progress=not args.quiet, overwrite=args.overwrite)
+                           True if args.external_data else None, progress=not args.quiet, overwrite=args.overwrite,
+                           runtime=args.runtime)
     p = res.parity
     print(f"{res.weights} weights, opset {res.opset}: {res.n_quantize} QuantizeLinear / {res.n_dequantize} DequantizeLinear, "
           f"{res.file_mb:.2f} MB")
     b = p["bounds"]
-    print(f"onnxruntime CPU vs PyTorch on {p['n_inputs']} held-out calibration inputs, in output INT8 steps of {p['output_step']:.4g}: "
+    print(f"{p['runtime']} vs PyTorch on {p['n_inputs']} held-out calibration inputs, in output INT8 steps of {p['output_step']:.4g}: "
           f"mean {p['mean_steps']:.3f}, p99 {p['p99_steps']:.2f}, max {p['max_steps']:.2f}; torch float64 vs float32: "
           f"mean {p['float64_vs_float32']['mean_steps']:.3f}, max {p['float64_vs_float32']['max_steps']:.2f}; "
           f"bounds: mean {b['mean_steps']:.3f}, max {b['max_steps']:.2f}")
@@ -80,7 +81,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         check_output_file(args.npy, args.overwrite, flag="--npy")
     noise = _load_noise(args.noise) if args.noise else None
     imgs = sample(args.onnx, args.num_samples, args.seed, args.steps, args.eta, noise, args.batch_size, args.provider,
-                  progress=not args.quiet)
+                  progress=not args.quiet, runtime=args.runtime, precision=args.precision)
     with atomic_path(args.out) as tmp:
         save_grid(tmp, grid(to_uint8(imgs)))
     if args.npy:
@@ -106,7 +107,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--ort-option takes KEY=VALUE; got {item!r}")
         config[key] = value
     rows = run_bench(args.dirs, args.provider, args.batch, args.repeats, args.warmup, args.threads, args.json,
-                     args.markdown, args.work_dir, progress=not args.quiet, session_config=config)
+                     args.markdown, args.work_dir, progress=not args.quiet, session_config=config, runtime=args.runtime)
     print(f"wrote {args.json} ({len(rows)} rows)" + (f" and {args.markdown}" if args.markdown else ""))
     return 0
 
@@ -170,6 +171,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from exporters.openvino_runtime import PRECISIONS
+    from exporters.runtimes import RUNTIMES
+
     from . import __version__
 
     p = _Parser(prog="gaq", description="Post-training quantization of diffusion UNets.")
@@ -213,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=_int_in(1, 99), default=21)
     x.add_argument("--check-samples", type=_int_in(1, 100_000), default=64, help="held-out calibration inputs for the parity check")
     x.add_argument("--external-data", action="store_true", help="store weights in OUT.data (automatic above 1 GiB)")
+    x.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
+                   help="the runtime of the parity check (on the CPU; OpenVINO at its f32 precision hint)")
     x.add_argument("--quiet", action="store_true")
     x.set_defaults(func=_cmd_export)
 
@@ -226,13 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=_int_in(1, 1000), help="DDIM steps (default: the recipe's, from the file's metadata)")
     s.add_argument("--eta", type=_float_in(0.0, 1.0))
     s.add_argument("--batch-size", type=POSITIVE, default=64)
-    s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu")
+    s.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
+    s.add_argument("--provider", choices=["cpu", "cuda", "tensorrt", "gpu"], default="cpu",
+                   help="onnxruntime: cpu, cuda, tensorrt; OpenVINO: its device, cpu or gpu")
+    s.add_argument("--precision", choices=PRECISIONS, default="default",
+                   help="OpenVINO's inference precision hint (default: OpenVINO's, bf16 on CPUs with bf16 units)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_sample)
 
     b = sub.add_parser("bench", parents=[common, overwrite], help="onnxruntime latency of FP32 / FP16 / quantize_static W8A8 / gaq exports")
     b.add_argument("dirs", nargs="+", help="output folders of gaq quantize (their base model is benchmarked too)")
-    b.add_argument("--provider", action="append", choices=["cpu", "cuda", "tensorrt"], help="repeatable (default: cpu)")
+    b.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
+                   help="openvino: every variant in OpenVINO (FP32 at its f32 hint and at its default), plus NNCF's INT8 peer")
+    b.add_argument("--provider", action="append", choices=["cpu", "cuda", "tensorrt", "gpu"],
+                   help="repeatable (default: cpu); onnxruntime: cpu, cuda, tensorrt; OpenVINO: cpu, gpu")
     b.add_argument("--batch", type=_int_in(1, 4096), nargs="+", default=[1, 8])
     b.add_argument("--repeats", type=_int_in(3, 100_000), default=20)
     b.add_argument("--warmup", type=_int_in(0, 100_000), default=3)

@@ -53,9 +53,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from exporters.onnx_export import export_quantized
 
-    res = export_quantized(args.dir, args.out, args.weights, args.opset, args.check_samples,
-                           True if args.external_data else None, progress=not args.quiet, overwrite=args.overwrite,
-                           runtime=args.runtime)
+    if args.optimum_from:
+        from exporters.optimum_layout import export_into_optimum
+
+        res = export_into_optimum(args.dir, args.optimum_from, args.out, progress=not args.quiet, weights=args.weights, opset=args.opset,
+                                  check_samples=args.check_samples, external_data=True if args.external_data else None,
+                                  runtime=args.runtime)
+    else:
+        res = export_quantized(args.dir, args.out, args.weights, args.opset, args.check_samples,
+                               True if args.external_data else None, progress=not args.quiet, overwrite=args.overwrite,
+                               runtime=args.runtime)
     p = res.parity
     print(f"{res.weights} weights, opset {res.opset}: {res.n_quantize} QuantizeLinear / {res.n_dequantize} DequantizeLinear, "
           f"{res.file_mb:.2f} MB")
@@ -64,7 +71,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"mean {p['mean_steps']:.3f}, p99 {p['p99_steps']:.2f}, max {p['max_steps']:.2f}; torch float64 vs float32: "
           f"mean {p['float64_vs_float32']['mean_steps']:.3f}, max {p['float64_vs_float32']['max_steps']:.2f}; "
           f"bounds: mean {b['mean_steps']:.3f}, max {b['max_steps']:.2f}")
-    print(f"wrote {res.path}")
+    print(f"wrote {os.path.abspath(args.out) if args.optimum_from else res.path}")
     return 0
 
 
@@ -211,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", parents=[common, overwrite], help="export a quantized folder to ONNX with Q/DQ nodes")
     x.add_argument("dir", help="output folder of gaq quantize")
-    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--out", required=True, help="the .onnx file to write (with --optimum-from: the new pipeline folder)")
+    x.add_argument("--optimum-from", metavar="OPTIMUM_DIR",
+                   help="an Optimum ONNX pipeline folder (optimum-cli export onnx): copy it to --out with this UNet in unet/")
     x.add_argument("--weights", choices=["int8", "int4"], default="int8",
                    help="weight initializers: int8 (4-bit values in INT8, takes int8 kernels) or int4 (compact, opset 21)")
     x.add_argument("--opset", type=_int_in(1, 99), default=21)

@@ -31,12 +31,16 @@ SD15_UNET = dict(
 )
 
 
-def peak_rss() -> int:
+def rss(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_rss() -> int:
+    return rss("VmHWM:")
 
 
 def calibration(rows: int, latent: int, seed: int):
@@ -79,6 +83,16 @@ def child(args) -> dict:
     algo = UniformConfig(iters=args.iters, act_iters=args.iters, batch_size=args.batch_size, cache_batch_size=args.cache_batch_size)
     config = preset("W4A8", algorithm=algo)
     t1 = time.perf_counter()
+    if args.trace:  # resident and peak memory after each unit, on stderr
+        import gaq_backend.algorithms.reconstruction as recon
+
+        inner = recon.reconstruct_unit
+
+        def traced(unit, *a, **k):
+            out = inner(unit, *a, **k)
+            print(f"{unit.name}: rss {rss('VmRSS:') / GiB:.2f} GiB, peak {peak_rss() / GiB:.2f} GiB", file=sys.stderr, flush=True)
+            return out
+        recon.reconstruct_unit = traced
     quantize(unet, config, calib, progress=False)
     t2 = time.perf_counter()
     stats = unet.gaq_info.stats
@@ -101,6 +115,7 @@ def main() -> None:
     ap.add_argument("--cache-batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json")
+    ap.add_argument("--trace", action="store_true", help="print resident and peak memory after each unit")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -110,7 +125,7 @@ def main() -> None:
     for rows in args.rows:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--rows", str(rows), "--latent", str(args.latent),
                "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--cache-batch-size", str(args.cache_batch_size),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + (["--trace"] if args.trace else [])
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         r = results[-1]

@@ -18,9 +18,11 @@ class ProviderUnavailable(RuntimeError):
     pass
 
 
-def create_session(model, provider: str = "cpu", threads: int = 0, config: dict[str, str] | None = None):
+def create_session(model, provider: str = "cpu", threads: int = 0, config: dict[str, str] | None = None,
+                   provider_options: dict[str, str] | None = None):
     """A session on ``provider`` (cpu | cuda | tensorrt); raises :class:`ProviderUnavailable` if onnxruntime
-    would silently run it on another provider. ``config``: extra session config entries."""
+    would silently run it on another provider. ``config``: extra session config entries; ``provider_options``:
+    the provider's own (e.g. TensorRT's ``trt_fp16_enable``)."""
     import onnxruntime as ort
 
     name = PROVIDERS.get(provider, provider)
@@ -31,7 +33,8 @@ def create_session(model, provider: str = "cpu", threads: int = 0, config: dict[
     if threads:
         opts.intra_op_num_threads = threads
     src = model if isinstance(model, (str, bytes)) else model.SerializeToString()
-    providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+    first = (name, provider_options) if provider_options else name
+    providers = [first] if name == "CPUExecutionProvider" else [first, "CPUExecutionProvider"]
     if name != "CPUExecutionProvider":
         ort.set_default_logger_severity(4)  # a GPU provider that cannot load logs errors; we report it ourselves
     try:

@@ -20,6 +20,7 @@ from ..calibration import CalibrationSet
 from ..config import SEED, AlgorithmConfig, QuantConfig, above, at_least, within
 from ..quantizers.adaround import AdaRound
 from ..quantizers.uniform import at_least_float32
+from ..utils.memory import release_free_memory
 from .block_cache import BlockData, concat, spill_to_disk
 from .blocks import ReconUnit, reconstruction_units
 from .common import full_precision, set_quant_state
@@ -168,6 +169,7 @@ def _unit_data(fp: UnitStream, quant: UnitStream, calib: CalibrationSet, plan: M
     args = [concat([i[0][k] for i in inputs]) for k in range(len(inputs[0][0]))]
     kwargs = {k: concat([i[1][k] for i in inputs]) for k in inputs[0][1]}
     data = BlockData(args, kwargs, target, calib.t)
+    release_free_memory()
     if data.nbytes() <= plan.budget:
         return data, None
     return spill_to_disk(data, spill_dir)
@@ -203,5 +205,6 @@ def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: Rec
                 data = train = None  # the last references to a memory-mapped file
                 if spilled is not None:
                     os.remove(spilled)
+                release_free_memory()
     set_quant_state(model, weight=True, act=True)
     return stats

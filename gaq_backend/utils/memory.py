@@ -1,6 +1,7 @@
 """How much memory is free, and a one-line refusal for work that cannot fit in it."""
 from __future__ import annotations
 
+import ctypes
 import os
 
 
@@ -14,6 +15,16 @@ def available_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def release_free_memory() -> None:
+    """Hand memory that torch has freed back to the OS (glibc only; elsewhere a no-op). glibc keeps what a thread
+    frees in that thread's arena for reuse by the same thread; block reconstruction runs each paused forward pass
+    in its own thread, so without this every pass would keep its largest transients resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def check_fits(n_bytes: float, what: str, setting: str) -> None:

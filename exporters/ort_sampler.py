@@ -88,7 +88,7 @@ class DDIMSchedule:
 
 def sample(model_path: str, num_samples: int = 16, seed: int = 0, steps: int | None = None, eta: float | None = None,
            noise: np.ndarray | None = None, batch_size: int = 64, provider: str = "cpu", progress: bool = True,
-           runtime: str = "onnxruntime", precision: str = "default") -> np.ndarray:
+           runtime: str = "onnxruntime", precision: str = "default", session=None) -> np.ndarray:
     """Images in [-1, 1], shape (N, C, H, W), from a gaq-exported ONNX UNet.
 
     Initial (and, for eta > 0, step) noise comes from NumPy's generator seeded by ``seed``; pass ``noise``
@@ -112,7 +112,9 @@ def sample(model_path: str, num_samples: int = 16, seed: int = 0, steps: int | N
     elif noise.ndim != 4 or tuple(noise.shape[1:]) != shape:
         raise ValueError(f"--noise has shape {tuple(noise.shape)}; the model samples (N, {', '.join(map(str, shape))})")
     x = np.asarray(noise, dtype=np.float32).copy()
-    session = open_session(model_path, runtime, provider, precision=precision)
+    # ``session``: an open session of another graph of the same UNet (e.g. NNCF's IR); the DDIM loop's
+    # scheduler and sampler still come from ``model_path``'s metadata
+    session = session or open_session(model_path, runtime, provider, precision=precision)
     extra = [i.name for i in session.get_inputs() if i.name not in ("sample", "timestep")]
     if extra:
         raise ValueError(f"gaq sample runs unconditional UNets only; {model_path} also takes {', '.join(extra)} "

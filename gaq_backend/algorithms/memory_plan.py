@@ -124,7 +124,8 @@ class MemoryPlan:
     calibration: int        # on the host
     paused_passes: int      # what the two streams' paused forward passes keep alive
     unit_cache: int         # the largest unit's inputs and FP targets over all rows
-    reconstruction: int     # the largest unit's training working set (activations at batch size, AdaRound state)
+    reconstruction: int     # the largest working set: a unit's training (activations at batch_size, AdaRound
+                            # state) or a forward pass's batch (cache_batch_size rows through the largest unit)
     codes: int              # the integer weights (one byte each) the final freeze adds beside the float weights
     largest_unit: str
     budget: int             # unit cache held in memory up to this; above it, memory-mapped from disk
@@ -153,7 +154,7 @@ class MemoryPlan:
 
 
 def plan_memory(model: nn.Module, probe: Probe, rows: int, calibration_bytes: int, batch_size: int,
-                budget_gib: float = 0.0, device: torch.device | None = None) -> MemoryPlan:
+                budget_gib: float = 0.0, device: torch.device | None = None, forward_batch: int = 64) -> MemoryPlan:
     """The plan for ``rows`` calibration rows. ``budget_gib`` 0 gives the unit cache what the free memory
     leaves after everything else, less a tenth of it as headroom. Refuses (one line, naming the setting)
     work whose unspillable parts cannot fit."""
@@ -164,6 +165,8 @@ def plan_memory(model: nn.Module, probe: Probe, rows: int, calibration_bytes: in
     # weight (and its concatenation for split layers), measured at 39 bytes on the largest SD 1.5 block;
     # activations twice (forward and gradients)
     recon = max(2 * min(batch_size, rows) * f.work_row + ADAROUND_BYTES_PER_WEIGHT * f.weights for f in probe.footprint.values())
+    # the forward passes (paused passes, activation ranges) run forward_batch rows at a time, one at a time
+    recon = max(recon, min(forward_batch, rows) * max(f.work_row for f in probe.footprint.values()))
     paused = 2 * probe.live_row * rows
     free = free_bytes(device)  # the model and the calibration inputs are already resident
     held = paused + recon
@@ -174,7 +177,8 @@ def plan_memory(model: nn.Module, probe: Probe, rows: int, calibration_bytes: in
                       budget, free, per_row)
     if held > free:
         raise ValueError(f"block reconstruction needs {held / GiB:.1f} GiB on {device} for the paused forward passes of "
-                          f"{rows} calibration rows ({paused / GiB:.1f} GiB) and the training of {name} at batch size "
-                          f"{batch_size} ({recon / GiB:.1f} GiB), more than the {free / GiB:.1f} GiB free; lower "
-                          f"calibration.n_per_step (or max_samples) or the algorithm's batch_size")
+                          f"{rows} calibration rows ({paused / GiB:.1f} GiB) and the largest working set (training at "
+                          f"batch_size {batch_size}, forward passes at cache_batch_size {forward_batch}: {recon / GiB:.1f} GiB), "
+                          f"more than the {free / GiB:.1f} GiB free; lower calibration.n_per_step (or max_samples), "
+                          "or the algorithm's batch_size or cache_batch_size")
     return plan

@@ -130,10 +130,15 @@ def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig
 
 
 @torch.no_grad()
-def unit_mse(unit: ReconUnit, data: BlockData, limit: int = 256) -> float:
-    idx = torch.arange(min(limit, len(data)), device="cpu")
-    out, target = data.run(unit.module, idx)
-    return float((out - target).pow(2).mean())
+def unit_mse(unit: ReconUnit, data: BlockData, batch_size: int, limit: int = 256) -> float:
+    """The unit's output MSE on its first ``limit`` rows, in batches (a unit's activations, attention scores
+    above all, grow with the rows run at once)."""
+    total, count = 0.0, 0
+    for idx in torch.arange(min(limit, len(data)), device="cpu").split(batch_size):
+        out, target = data.run(unit.module, idx)
+        total += float((at_least_float32(out) - at_least_float32(target)).pow(2).sum())
+        count += out.numel()
+    return total / count
 
 
 WeightFn = Callable[[ReconUnit, BlockData, torch.Tensor], torch.Tensor | None]
@@ -156,7 +161,7 @@ def plan_sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg
         probe = probe_units(model, units, calib)
     rows = len(calib) if rows is None else rows
     calib_bytes = sum(v.numel() * v.element_size() for v in [calib.x, calib.t, calib.eps, *calib.cond.values()]) * rows // len(calib)
-    plan = plan_memory(model, probe, rows, calib_bytes, cfg.batch_size, cfg.cache_memory_gib, device)
+    plan = plan_memory(model, probe, rows, calib_bytes, cfg.batch_size, cfg.cache_memory_gib, device, cfg.cache_batch_size)
     if log is not None:
         log(plan.summary())
     return probe.order, plan
@@ -195,9 +200,9 @@ def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: Rec
                 factors = weight_fn(unit, data, train_mask) if weight_fn is not None else None
                 t2 = time.perf_counter()
                 train = data.subset(train_mask)
-                before = unit_mse(unit, train)
+                before = unit_mse(unit, train, cfg.batch_size)
                 info = reconstruct_unit(unit, train, cfg, config.a_bits, factors, gen)
-                stats[unit.name] = dict(kind=unit.kind, mse_before=before, mse_after=unit_mse(unit, train), on_disk=spilled is not None,
+                stats[unit.name] = dict(kind=unit.kind, mse_before=before, mse_after=unit_mse(unit, train, cfg.batch_size), on_disk=spilled is not None,
                                         seconds_cache=t1 - t0, seconds_weights=t2 - t1, seconds_reconstruct=time.perf_counter() - t2,
                                         loss_first=info["curve"][0] if info["curve"] else math.nan,
                                         loss_last=info["curve"][-1] if info["curve"] else math.nan)

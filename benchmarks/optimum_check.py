@@ -67,7 +67,7 @@ def compare(args) -> None:
         d = np.abs(imgs[a] - imgs[b])
         mse = float((d ** 2).mean())
         psnr = "inf" if mse == 0 else f"{10 * np.log10(1 / mse):.1f}"
-        lines.append(f"| {a} | {b} | {d.mean():.5f} | {d.max():.4f} | {psnr} |")
+        lines.append(f"| {a} | {b} | {d.mean():.2e} | {d.max():.2e} | {psnr} |")
     print("\n".join(lines))
 
 

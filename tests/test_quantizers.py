@@ -126,3 +126,32 @@ def test_adaround_hand_written_backward_matches_autograd_to_second_order():
     (h_ref,) = torch.autograd.grad((g_ref * probe).sum(), v)
     (h_new,) = torch.autograd.grad((g_new * probe).sum(), v)
     assert torch.allclose(h_new, h_ref)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fake_quant_equals_the_autograd_formula_in_value_and_gradients(per_channel):
+    """The hand-written backward (STE for round, LSQ for the scale) against autograd on the textbook formula."""
+    from gaq_backend.quantizers.uniform import fake_quant
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 4, 3, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    shape = (5, 1, 1) if per_channel else ()
+    scale = (torch.rand(shape, generator=g, dtype=torch.float64) * 0.3 + 0.05).requires_grad_(True)
+    zero = torch.full(shape, 2.0, dtype=torch.float64).requires_grad_(True)
+    w = torch.randn(5, 4, 3, generator=g, dtype=torch.float64)
+
+    def reference(x, s, z):
+        return (torch.clamp(round_ste(x / s) + z, -8, 7) - z) * s
+
+    out, ref = fake_quant(x, scale, zero, -8, 7), reference(x, scale, zero)
+    assert torch.equal(out, ref)
+    got = torch.autograd.grad((out * w).sum(), (x, scale, zero), create_graph=True)
+    want = torch.autograd.grad((ref * w).sum(), (x, scale, zero), create_graph=True)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b)
+    assert (got[0] == 0).any() and (got[0] != 0).any()  # some clamped, some not
+    (h_got,) = torch.autograd.grad(got[1].sum(), x)     # second order (gradient_aligned differentiates gradients)
+    (h_want,) = torch.autograd.grad(want[1].sum(), x)
+    assert torch.allclose(h_got, h_want)
+    half = fake_quant(x.detach().half(), scale.detach().float(), zero.detach().float(), -8, 7)
+    assert half.dtype == torch.float16

@@ -6,6 +6,7 @@ operands (query, key, attention probabilities, value) per tensor, as Q-Diffusion
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..quantizers import UniformQuantizer
@@ -47,11 +48,14 @@ class QuantAttnProcessor(nn.Module):
         value = attn.to_v(encoder_hidden_states)
         query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
 
-        scores = torch.bmm(self._q("query", query), self._q("key", key).transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        probs = scores.float().softmax(dim=-1).to(query.dtype)
-        hidden_states = torch.bmm(self._q("probs", probs), self._q("value", value))
+        if self.use_act_quant and any(q.enabled for q in self.quantizers.values()):
+            scores = torch.bmm(self._q("query", query), self._q("key", key).transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = scores.float().softmax(dim=-1).to(query.dtype)
+            hidden_states = torch.bmm(self._q("probs", probs), self._q("value", value))
+        else:  # nothing to quantize in between (AdaRound's phase, W4A32): torch's fused kernel, no score matrix kept
+            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
 
         hidden_states = attn.batch_to_head_dim(hidden_states)
         hidden_states = attn.to_out[0](hidden_states)

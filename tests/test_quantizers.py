@@ -150,6 +150,9 @@ def test_fake_quant_equals_the_autograd_formula_in_value_and_gradients(per_chann
     for a, b in zip(got, want):
         assert torch.allclose(a, b)
     assert (got[0] == 0).any() and (got[0] != 0).any()  # some clamped, some not
+    plain = torch.autograd.grad((fake_quant(x, scale, zero, -8, 7) * w).sum(), (x, scale, zero))  # the in-place path
+    for a, b in zip(plain, want):
+        assert torch.allclose(a, b)
     (h_got,) = torch.autograd.grad(got[1].sum(), x)     # second order (gradient_aligned differentiates gradients)
     (h_want,) = torch.autograd.grad(want[1].sum(), x)
     assert torch.allclose(h_got, h_want)

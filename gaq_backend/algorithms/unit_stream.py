@@ -22,6 +22,7 @@ from torch import nn
 
 from ..calibration import CalibrationSet
 from ..sampling import unet_forward
+from ..utils.memory import release_free_memory
 from .block_cache import output_tensor
 
 
@@ -126,8 +127,12 @@ class UnitStream:
 
     def next(self) -> list[Any]:
         """Every pass run to its next unit; what each captured there, in batch order."""
+        captured = []
         with self.mode():
-            return [p.step() for p in self.passes]
+            for p in self.passes:
+                captured.append(p.step())
+                release_free_memory()  # each pass is a thread with its own glibc arena: return its transients now
+        return captured
 
     def close(self) -> None:
         self.cancelled = True

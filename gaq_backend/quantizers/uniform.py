@@ -60,12 +60,20 @@ class _FakeQuant(torch.autograd.Function):
     def backward(ctx, grad):
         x, scale, zero = ctx.saved_tensors
         qmin, qmax = ctx.qrange
-        v = x / scale
-        r = round_ste(v) + zero  # straight-through here too, so that second-order gradients match autograd's
-        inside = (r >= qmin) & (r <= qmax)
-        gx = grad * inside if ctx.needs_input_grad[0] else None
-        gs = (grad * (torch.clamp(r, qmin, qmax) - zero - inside * v)).sum_to_size(scale.shape) if ctx.needs_input_grad[1] else None
-        gz = (grad * scale * (inside.to(grad.dtype) - 1)).sum_to_size(zero.shape) if ctx.needs_input_grad[2] else None
+        need_x, need_s, need_z = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: differentiable ops, straight-through round as autograd has it
+            v = x / scale
+            r = round_ste(v) + zero
+            inside = (r >= qmin) & (r <= qmax)
+            gs = (grad * (torch.clamp(r, qmin, qmax) - zero - inside * v)).sum_to_size(scale.shape) if need_s else None
+        else:  # the usual backward: in place on two fresh tensors
+            v = x / scale
+            r = torch.round(v).add_(zero)
+            inside = (r >= qmin) & (r <= qmax)
+            gs = r.clamp_(qmin, qmax).sub_(zero).sub_(v.mul_(inside)).mul_(grad).sum_to_size(scale.shape) if need_s else None
+            del v, r
+        gz = (grad * scale * (inside.to(grad.dtype) - 1)).sum_to_size(zero.shape) if need_z else None
+        gx = grad * inside if need_x else None
         return gx, gs, gz, None, None
 
 

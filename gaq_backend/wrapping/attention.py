@@ -49,7 +49,7 @@ class QuantAttnProcessor(nn.Module):
         query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
 
         if self.use_act_quant and any(q.enabled for q in self.quantizers.values()):
-            scores = torch.bmm(self._q("query", query), self._q("key", key).transpose(-1, -2)) * attn.scale
+            scores = torch.bmm(self._q("query", query), self._q("key", key).transpose(-1, -2)).mul_(attn.scale)
             if attention_mask is not None:
                 scores = scores + attention_mask
             probs = scores.float().softmax(dim=-1).to(query.dtype)

@@ -20,7 +20,7 @@ def write_plots(learner, path: str, kind: str) -> None:
     if kind == "alignment":  # Figure 2: a sample's weight rises with its gradient's alignment to the groups'
         panels = [(f"{name} r={r.stats.get('corr_weight_alignment', float('nan')):.2f}",
                    r.alignment.numpy().astype(np.float64), r.factors.numpy().astype(np.float64)) for name, r in learned]
-        scatter_panels(path, panels, "mean of grad l_i . G_g / |G_g| over groups (last batch it was drawn in)",
+        scatter_panels(path, panels, "grad l_i . G_g / |G_g|, mean over groups and over the outer steps that drew i",
                        "learned factor N * w_i")
     else:  # Figure 1a: pairwise cosine distance of per-group gradients, uniform weights (left) vs learned (right)
         panels = []

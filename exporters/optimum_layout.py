@@ -20,6 +20,11 @@ SHAPE_KEYS = ("in_channels", "out_channels", "sample_size", "cross_attention_dim
               "addition_embed_type", "time_cond_proj_dim")
 
 
+def _files(root: str) -> set[str]:
+    """Every file under ``root``, relative to it."""
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
+
+
 def check_optimum_dir(path: str) -> str:
     path = os.path.abspath(path)
     for need in ("model_index.json", os.path.join("unet", "model.onnx"), os.path.join("unet", "config.json")):
@@ -37,8 +42,7 @@ def _check_target(target: str, source: str) -> None:
         m = read_manifest(target) if os.path.isdir(target) else None
         if m is None or m.get("kind") != KIND:
             raise OutputError(f"--out {target} exists and is not a pipeline folder gaq wrote; name a new folder")
-        present = {os.path.relpath(os.path.join(d, f), target) for d, _, fs in os.walk(target) for f in fs} - {MANIFEST}
-        foreign = sorted(present - set(m.get("files", [])))
+        foreign = sorted(_files(target) - {MANIFEST} - set(m.get("files", [])))
         if foreign:
             raise OutputError(f"--out {target} holds {', '.join(foreign[:3])} that gaq did not write; move them or name a new folder")
 
@@ -73,7 +77,7 @@ def export_into_optimum(quantized: str, optimum_dir: str, out: str, progress: bo
         # Optimum's FP UNet (model.onnx and its external weights) is the one part not copied
         shutil.copytree(source, built, ignore=lambda d, names: names if os.path.samefile(d, os.path.join(source, "unet")) else [])
         result = export_quantized(quantized, os.path.join(built, "unet", "model.onnx"), progress=progress, **export_options)
-        files = sorted(os.path.relpath(os.path.join(d, f), built) for d, _, fs in os.walk(built) for f in fs)
+        files = sorted(_files(built))
         write_json(os.path.join(built, MANIFEST), dict(kind=KIND, complete=True, files=files, source=source))
         if os.path.lexists(target):  # a previous gaq pipeline folder: swap, then remove the old one
             old = os.path.join(tmp, "old")

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..calibration import CalibrationSet
 from ..sampling import unet_forward
-from ..utils.memory import available_bytes
+from ..utils.memory import free_bytes
 from .block_cache import output_tensor
 from .blocks import ReconUnit
 
@@ -106,13 +106,6 @@ def probe_units(model: nn.Module, units: list[ReconUnit], calib: CalibrationSet)
     if missing:
         raise RuntimeError(f"reconstruction units never called in the forward pass: {missing[:3]}")
     return Probe(sorted(units, key=lambda u: rank[u.name]), foot, live[0])
-
-
-def free_bytes(device: torch.device) -> int:
-    """Memory that can still be allocated on ``device`` (the model is already there)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return available_bytes()
 
 
 @dataclass

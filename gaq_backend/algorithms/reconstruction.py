@@ -174,7 +174,6 @@ def _unit_data(fp: UnitStream, quant: UnitStream, calib: CalibrationSet, plan: M
     args = [concat([i[0][k] for i in inputs]) for k in range(len(inputs[0][0]))]
     kwargs = {k: concat([i[1][k] for i in inputs]) for k in inputs[0][1]}
     data = BlockData(args, kwargs, target, calib.t)
-    release_free_memory()
     if data.nbytes() <= plan.budget:
         return data, None
     return spill_to_disk(data, spill_dir)

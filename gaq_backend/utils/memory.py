@@ -17,6 +17,15 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def free_bytes(device) -> int:
+    """Memory that can still be allocated on ``device`` (a torch.device): the GPU's free memory, or RAM."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    return available_bytes()
+
+
 def release_free_memory() -> None:
     """Hand memory that torch has freed back to the OS (glibc only; elsewhere a no-op). glibc keeps what a thread
     frees in that thread's arena for reuse by the same thread; block reconstruction runs each paused forward pass

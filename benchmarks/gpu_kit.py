@@ -98,11 +98,13 @@ def ort_rows(label: str, path: str, shape: list[int], batches: list[int], provid
 
 
 def model_rows(tag: str, fp_unet, quantized: dict[str, str], shape: list[int], cond: dict, batches: list[int], device: str,
-               providers: list[str], work: str, repeats: int, warmup: int) -> list[dict]:
-    """Every row for one UNet: torch eager, the FP32 / FP16 exports and gaq's INT8 graphs on each provider."""
+               rows: list[dict], save, work: str, repeats: int, warmup: int) -> None:
+    """Every row for one UNet, appended to ``rows`` (``save()`` after each group, so a run cut short keeps what it
+    measured): torch eager, the FP32 / FP16 exports and gaq's INT8 graphs on each provider."""
+    import onnxruntime
+
     from exporters.onnx_export import export_fp, export_quantized
 
-    rows = []
     for half in (False, True):
         if half and device == "cpu":
             rows.append(dict(row=f"{tag} torch eager fp16", provider=None, status="not measured: FP16 is a GPU variant"))
@@ -116,10 +118,16 @@ def model_rows(tag: str, fp_unet, quantized: dict[str, str], shape: list[int], c
             rows.append(dict(row=f"{tag} torch eager {'fp16' if half else 'fp32'}", provider=f"torch {device}", batch=b,
                              median_ms=float(np.median(ms)), p10_ms=float(np.percentile(ms, 10)), p90_ms=float(np.percentile(ms, 90)), status="ok"))
     fp_unet.float().cpu()
+    save()
+    gpu = device != "cpu"
+    if gpu and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        # exporting a graph no provider here can run on the GPU would only spend the lease
+        rows.append(dict(row=f"{tag} onnxruntime rows", provider=None, status=f"not measured: onnxruntime {onnxruntime.__version__} here "
+                         f"has no CUDA provider ({', '.join(onnxruntime.get_available_providers())})"))
+        return save()
     trt_cache = os.path.join(work, "trt-cache")
     os.makedirs(trt_cache, exist_ok=True)
     trt = lambda **o: ("tensorrt", dict(trt_engine_cache_enable="True", trt_engine_cache_path=trt_cache, **o))  # noqa: E731
-    gpu = device != "cpu"
     fp32 = export_fp(fp_unet, os.path.join(work, f"{tag}-fp32.onnx"), opset=20)
     rows += ort_rows(f"{tag} fp32", fp32, shape, batches, [("cuda", {})] if gpu else [("cpu", {})], work, repeats, warmup)
     if gpu:
@@ -131,7 +139,7 @@ def model_rows(tag: str, fp_unet, quantized: dict[str, str], shape: list[int], c
         export_quantized(folder, path, "int8", check_samples=4, progress=False)
         provs = [trt(trt_int8_enable="True", trt_fp16_enable="True"), ("cuda", {})] if gpu else [("cpu", {})]
         rows += ort_rows(f"{tag} gaq {name}", path, shape, batches, provs, work, repeats, warmup)
-    return rows
+        save()
 
 
 def quantize_sd(unet, bits: str, rows: int, latent: int, device: str, out: str, tiny: bool) -> float:
@@ -189,7 +197,12 @@ def main() -> int:
 
     emb = load_model("embedded").unet
     shape = [emb.config.in_channels, emb.config.sample_size, emb.config.sample_size]
-    result["rows"] += model_rows("embedded", emb, quantized, shape, {}, [1, 8], device, [], work, repeats, warmup)
+
+    def save() -> None:
+        result["seconds"] = time.perf_counter() - t_start
+        write_report(result, args.out)
+
+    model_rows("embedded", emb, quantized, shape, {}, [1, 8], device, result["rows"], save, work, repeats, warmup)
 
     # 2. the SD-1.5-shaped UNet (tiny in a dry run), batch 2 = classifier-free guidance
     torch.manual_seed(0)
@@ -200,25 +213,29 @@ def main() -> int:
         torch.manual_seed(0)
         result["quantize_seconds"][f"sd {name}"] = quantize_sd(UNet2DConditionModel(**cfg), bits, 8, latent, device, folder, args.dry_run)
         sd_q[name] = folder
+    save()
     torch.manual_seed(0)
     sd = UNet2DConditionModel(**cfg).eval()
     text = torch.zeros(1, 77, cfg["cross_attention_dim"])
-    result["rows"] += model_rows("sd15-shape" if not args.dry_run else "tiny-sd", sd, sd_q, [4, latent, latent],
-                                 {"encoder_hidden_states": text}, [2], device, [], work, repeats, warmup)
-    result["seconds"] = time.perf_counter() - t_start
-    with open(os.path.join(args.out, "kit.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    lines = [f"GPU kit on {result['device']} ({'dry run' if args.dry_run else 'CUDA'}), onnxruntime {result['onnxruntime']}, "
+    model_rows("sd15-shape" if not args.dry_run else "tiny-sd", sd, sd_q, [4, latent, latent], {"encoder_hidden_states": text}, [2],
+               device, result["rows"], save, work, repeats, warmup)
+    print(open(os.path.join(args.out, "kit.md")).read(), end="")
+    return 0
+
+
+def write_report(result: dict, out: str) -> None:
+    """kit.json and kit.md, each replaced atomically: a run cut short leaves the rows measured so far."""
+    lines = [f"GPU kit on {result['device']} ({'dry run' if result['dry_run'] else 'CUDA'}), onnxruntime {result['onnxruntime']}, "
              f"{result['seconds']:.0f} s", "", "| row | ran on | batch | median ms (p10-p90) |", "|---|---|---|---|"]
     for r in result["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['row']} | - | - | {r['status']} |")
         else:
             lines.append(f"| {r['row']} | {r['provider']} | {r['batch']} | {r['median_ms']:.2f} ({r['p10_ms']:.2f}-{r['p90_ms']:.2f}) |")
-    with open(os.path.join(args.out, "kit.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    for name, text in (("kit.json", json.dumps(result, indent=1, default=str)), ("kit.md", "\n".join(lines) + "\n")):
+        with open(os.path.join(out, name + ".tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
 
 
 if __name__ == "__main__":

@@ -77,9 +77,12 @@ def child(args) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     unet = UNet2DConditionModel(**SD15_UNET).eval()
-    weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+    weights = sum(p.numel() * p.element_size() for p in unet.parameters())  # fp32: the target's reference
+    unet.to(args.device, getattr(torch, args.dtype))
     rss_model = peak_rss()
     calib = calibration(args.rows[0], args.latent, seed=0)
+    if args.dtype != "float32":
+        calib = calib.stored_as(getattr(torch, args.dtype))
     algo = UniformConfig(iters=args.iters, act_iters=args.iters, batch_size=args.batch_size, cache_batch_size=args.cache_batch_size)
     config = preset("W4A8", algorithm=algo)
     t1 = time.perf_counter()
@@ -103,7 +106,9 @@ def child(args) -> dict:
                 seconds_cache=sum(b["seconds_cache"] for b in stats["blocks"].values()),
                 seconds_per_block_iteration_mean=sum(per_iter) / len(per_iter), seconds_per_block_iteration_max=max(per_iter),
                 units=len(stats["blocks"]), on_disk=sum(b["on_disk"] for b in stats["blocks"].values()),
-                plan=stats["memory_plan"], rows_fit_24gb=rows_that_fit(stats["memory_plan"], 24 * 10**9))
+                plan=stats["memory_plan"], rows_fit_24gb=rows_that_fit(stats["memory_plan"], 24 * 10**9), device=args.device,
+                dtype=args.dtype, peak_gpu=torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None,
+                gpu=torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None)
 
 
 def main() -> None:
@@ -114,6 +119,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--cache-batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where the UNet computes (cuda: the peak GPU memory is reported too)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the UNet's and calibration inputs' dtype")
     ap.add_argument("--json")
     ap.add_argument("--trace", action="store_true", help="print resident and peak memory after each unit")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -125,16 +132,17 @@ def main() -> None:
     for rows in args.rows:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--rows", str(rows), "--latent", str(args.latent),
                "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--cache-batch-size", str(args.cache_batch_size),
-               "--threads", str(args.threads)] + (["--trace"] if args.trace else [])
+               "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype] + (["--trace"] if args.trace else [])
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"rows {rows}: peak {r['peak_rss'] / GiB:.2f} GiB (estimate {r['plan']['peak'] / GiB:.2f}), "
+        gpu = f", peak GPU memory {r['peak_gpu'] / GiB:.2f} GiB" if r["peak_gpu"] is not None else ""
+        print(f"rows {rows}: peak {r['peak_rss'] / GiB:.2f} GiB{gpu} (estimate {r['plan']['peak'] / GiB:.2f}), "
               f"quantize {r['seconds_quantize']:.0f} s", file=sys.stderr, flush=True)
     w = results[0]["weights_bytes"]
     print(f"\nSD-1.5-shaped UNet2DConditionModel, {results[0]['params'] / 1e6:.0f}M parameters ({w / GiB:.2f} GiB fp32); "
           f"{args.latent}x{args.latent} latent, uniform W4A8, {args.iters}+{args.iters} iterations per unit, batch {args.batch_size}, "
-          f"{args.threads} thread(s), {platform.processor() or platform.machine()}\n")
+          f"{args.threads} thread(s), {args.dtype} on {results[0]['gpu'] or platform.processor() or platform.machine()}\n")
     print("| rows | peak RSS | target 1.5 W + 1 GiB | estimated peak | paused passes | largest unit cache | quantize | "
           "of which caching | per block-iteration (mean / max) | rows that fit in 24 GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")

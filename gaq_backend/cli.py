@@ -121,9 +121,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .models.train import TrainConfig, train
+    from .pipeline import resolve_device
 
     out = train(TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            ema_start=args.ema_start, threads=args.threads), overwrite=args.overwrite)
+                            ema_start=args.ema_start, threads=args.threads, device=str(resolve_device(args.device))),
+                overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -275,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=SEED_ARG, default=0)
     t.add_argument("--ema-start", type=NON_NEGATIVE, default=2000)
     t.add_argument("--threads", type=_int_in(0, 1024), default=0)
+    t.add_argument("--device", help="where to train: cpu, cuda, ... (default: cuda when available, else cpu)")
     t.set_defaults(func=_cmd_train)
     return p
 

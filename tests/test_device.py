@@ -21,6 +21,20 @@ def default_device_meta():
         torch.set_default_device(None)
 
 
+def _adam_follows_the_parameter() -> bool:
+    """Older torch (2.11 seen) makes Adam's step counter on the default device, which this guard cannot tell
+    from a gaq tensor; the optimizer-based algorithms are then checked on torch versions that do not."""
+    p = torch.nn.Parameter(torch.zeros(1, device="cpu"))
+    p.grad = torch.zeros(1, device="cpu")
+    opt = torch.optim.Adam([p])
+    try:
+        with default_device_meta():
+            opt.step()
+    except RuntimeError:
+        return False
+    return opt.state[p]["step"].device.type == "cpu"
+
+
 def _recorded_calls():
     from test_front_doors import sampling_loop, sd_unet
 
@@ -37,6 +51,8 @@ def _recorded_calls():
 def test_calibration_creates_no_tensor_off_the_models_device(algorithm, tmp_path):
     from test_front_doors import _config, sd_unet
 
+    if not isinstance(algorithm, gaq.MinMaxConfig) and not _adam_follows_the_parameter():
+        pytest.skip(f"torch {torch.__version__}'s Adam creates its step counter on the default device")
     calls, unet = _recorded_calls(), sd_unet()
     with default_device_meta():
         q = gaq.quantize(unet, _config(algorithm, "W4A8"), calibration=calls, progress=False)

@@ -64,6 +64,36 @@ def test_unit_cache_on_disk_gives_the_same_model_and_leaves_no_file(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "cache") if f.startswith(".tmp-gaq-")]
 
 
+def test_fp_targets_recorded_to_disk_give_the_same_model_half_the_paused_passes_and_leave_no_file(tmp_path, monkeypatch):
+    from gaq_backend.algorithms import fp_targets
+
+    written = []
+    real_record = fp_targets.RecordedTargets._record
+
+    def record(self, *a, **k):
+        real_record(self, *a, **k)
+        written.append(self.disk_bytes())
+    monkeypatch.setattr(fp_targets.RecordedTargets, "_record", record)
+    paused = _quantize(tmp_path, fp_targets="pass")
+    recorded = _quantize(tmp_path, fp_targets="disk")
+    a, b = _state(paused), _state(recorded)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    p, r = paused.gaq_info.stats["memory_plan"], recorded.gaq_info.stats["memory_plan"]
+    assert (p["fp_targets"], r["fp_targets"]) == ("pass", "disk") and 2 * r["paused_passes"] == p["paused_passes"]
+    assert written == [r["fp_disk"]] and p["fp_disk"] == 0  # the plan's disk estimate is what was written
+    assert not [f for f in os.listdir(tmp_path / "cache") if f.startswith(".tmp-gaq-")]
+
+
+def test_fp_targets_go_to_disk_when_the_paused_passes_would_not_fit(tmp_path, monkeypatch):
+    plan = _quantize(tmp_path).gaq_info.stats["memory_plan"]  # fp_targets: auto
+    assert plan["fp_targets"] == "pass"
+    # just enough for one stream's paused passes, the working set and the cache, not for two streams
+    need = plan["paused_passes"] // 2 + plan["reconstruction"] + plan["unit_cache"]
+    monkeypatch.setattr(memory_plan, "free_bytes", lambda device: int(need / 0.9) + 1)
+    plan = _quantize(tmp_path).gaq_info.stats["memory_plan"]
+    assert plan["fp_targets"] == "disk" and not plan["spills"]
+
+
 def test_memory_plan_is_reported_and_refuses_what_cannot_fit(tmp_path, monkeypatch):
     plan = _quantize(tmp_path).gaq_info.stats["memory_plan"]
     assert plan["rows"] > 0 and plan["paused_passes"] > 0 and plan["unit_cache"] > 0 and plan["peak"] > plan["model"]

@@ -37,6 +37,7 @@ def _first_tensor(out) -> torch.Tensor | None:
 @dataclass
 class UnitFootprint:
     cache_row: int = 0    # inputs and FP output, bytes per row
+    out_row: int = 0      # FP output alone, bytes per row (what recording the targets to disk writes)
     work_row: int = 0     # kept for the backward pass, bytes per row
     weights: int = 0      # elements of the weights the unit rounds
 
@@ -75,6 +76,7 @@ def probe_units(model: nn.Module, units: list[ReconUnit], calib: CalibrationSet)
 
         def post(m, args, kwargs, out):
             foot[name].cache_row += _nbytes(output_tensor(out))
+            foot[name].out_row += _nbytes(output_tensor(out))
         return pre, post
 
     def on_any(m, args, kwargs, out):
@@ -115,7 +117,7 @@ class MemoryPlan:
     rows: int
     model: int
     calibration: int        # on the host
-    paused_passes: int      # what the two streams' paused forward passes keep alive
+    paused_passes: int      # what the paused forward passes keep alive (quantized, and FP unless on disk)
     unit_cache: int         # the largest unit's inputs and FP targets over all rows
     reconstruction: int     # the largest working set: a unit's training (activations at batch_size, AdaRound
                             # state) or a forward pass's batch (cache_batch_size rows through the largest unit)
@@ -124,6 +126,8 @@ class MemoryPlan:
     budget: int             # unit cache held in memory up to this; above it, memory-mapped from disk
     free: int               # free memory on the device when the plan was made
     per_row: int            # bytes per row of calibration data, paused passes and unit cache together
+    fp_targets: str = "pass"  # where the FP targets come from: "pass" (paused FP passes) or "disk" (recorded)
+    fp_disk: int = 0        # bytes of every unit's FP targets on disk when recorded
 
     @property
     def spills(self) -> bool:
@@ -141,16 +145,19 @@ class MemoryPlan:
     def summary(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
         cache = f"{g(self.unit_cache)} ({self.largest_unit})" + (" -> memory-mapped from disk" if self.spills else "")
+        disk = f" (FP targets recorded to disk: {g(self.fp_disk)})" if self.fp_targets == "disk" else ""
         return (f"memory estimate on {self.device} for {self.rows} calibration rows: model {g(self.model)}, calibration "
-                f"inputs {g(self.calibration)} (host), paused forward passes {g(self.paused_passes)}, largest unit cache "
-                f"{cache}, reconstruction {g(self.reconstruction)}; peak {g(self.peak)} of {g(self.free)} free")
+                f"inputs {g(self.calibration)} (host), paused forward passes {g(self.paused_passes)}{disk}, largest unit "
+                f"cache {cache}, reconstruction {g(self.reconstruction)}; peak {g(self.peak)} of {g(self.free)} free")
 
 
 def plan_memory(model: nn.Module, probe: Probe, rows: int, calibration_bytes: int, batch_size: int,
-                budget_gib: float = 0.0, device: torch.device | None = None, forward_batch: int = 64) -> MemoryPlan:
+                budget_gib: float = 0.0, device: torch.device | None = None, forward_batch: int = 64,
+                fp_targets: str = "auto") -> MemoryPlan:
     """The plan for ``rows`` calibration rows. ``budget_gib`` 0 gives the unit cache what the free memory
-    leaves after everything else, less a tenth of it as headroom. Refuses (one line, naming the setting)
-    work whose unspillable parts cannot fit."""
+    leaves after everything else, less a tenth of it as headroom. ``fp_targets`` "auto" records the FP
+    targets to disk when the paused FP passes would not leave the unit cache room in memory. Refuses (one
+    line, naming the setting) work whose unspillable parts cannot fit."""
     device = device or next(model.parameters()).device
     model_bytes = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
     name, fp = max(probe.footprint.items(), key=lambda kv: kv[1].cache_row)
@@ -160,18 +167,23 @@ def plan_memory(model: nn.Module, probe: Probe, rows: int, calibration_bytes: in
     recon = max(2 * min(batch_size, rows) * f.work_row + ADAROUND_BYTES_PER_WEIGHT * f.weights for f in probe.footprint.values())
     # the forward passes (paused passes, activation ranges) run forward_batch rows at a time, one at a time
     recon = max(recon, min(forward_batch, rows) * max(f.work_row for f in probe.footprint.values()))
-    paused = 2 * probe.live_row * rows
     free = free_bytes(device)  # the model and the calibration inputs are already resident
+    if fp_targets == "auto":
+        fp_targets = "pass" if 2 * probe.live_row * rows + recon + fp.cache_row * rows <= 0.9 * free else "disk"
+    streams = 2 if fp_targets == "pass" else 1
+    paused = streams * probe.live_row * rows
     held = paused + recon
     budget = int(budget_gib * GiB) if budget_gib > 0 else max(0, int(0.9 * free) - held)
-    per_row = probe.live_row * 2 + fp.cache_row + calibration_bytes // max(1, rows)
+    per_row = probe.live_row * streams + fp.cache_row + calibration_bytes // max(1, rows)
     codes = sum(f.weights for f in probe.footprint.values())
+    fp_disk = rows * sum(f.out_row for f in probe.footprint.values()) if fp_targets == "disk" else 0
     plan = MemoryPlan(str(device), rows, model_bytes, calibration_bytes, paused, fp.cache_row * rows, recon, codes, name,
-                      budget, free, per_row)
+                      budget, free, per_row, fp_targets, fp_disk)
     if held > free:
         raise ValueError(f"block reconstruction needs {held / GiB:.1f} GiB on {device} for the paused forward passes of "
                           f"{rows} calibration rows ({paused / GiB:.1f} GiB) and the largest working set (training at "
                           f"batch_size {batch_size}, forward passes at cache_batch_size {forward_batch}: {recon / GiB:.1f} GiB), "
                           f"more than the {free / GiB:.1f} GiB free; lower calibration.n_per_step (or max_samples), "
-                          "or the algorithm's batch_size or cache_batch_size")
+                          "or the algorithm's batch_size or cache_batch_size"
+                          + (", or set its fp_targets: disk" if streams == 2 else ""))
     return plan

@@ -24,9 +24,10 @@ from ..utils.memory import release_free_memory
 from .block_cache import BlockData, concat, spill_to_disk
 from .blocks import ReconUnit, reconstruction_units
 from .common import full_precision, set_quant_state
+from .fp_targets import RecordedTargets
 from .memory_plan import MemoryPlan, plan_memory, probe_units
-from .unit_stream import UnitStream
 from .minmax import MinMaxConfig, fit_activations, fit_weights
+from .unit_stream import UnitStream
 
 
 @dataclass
@@ -49,6 +50,9 @@ class ReconstructionConfig(AlgorithmConfig):
     percentile: float = field(default=99.99, metadata=within(50, 100, lo_open=True))
     cache_batch_size: int = field(default=64, metadata=at_least(1))  # rows per paused forward pass
     cache_memory_gib: float = field(default=0.0, metadata=at_least(0))  # unit cache above this goes to disk; 0: what free memory allows
+    # FP targets: paused FP passes beside the quantized ones ("pass"), or recorded to disk by one FP pass
+    # first ("disk": half the paused-pass memory); "auto": disk when the paused passes would crowd the cache
+    fp_targets: Literal["auto", "pass", "disk"] = "auto"
     seed: int = field(default=0, metadata=SEED)
 
 
@@ -161,15 +165,16 @@ def plan_sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg
         probe = probe_units(model, units, calib)
     rows = len(calib) if rows is None else rows
     calib_bytes = sum(v.numel() * v.element_size() for v in [calib.x, calib.t, calib.eps, *calib.cond.values()]) * rows // len(calib)
-    plan = plan_memory(model, probe, rows, calib_bytes, cfg.batch_size, cfg.cache_memory_gib, device, cfg.cache_batch_size)
+    plan = plan_memory(model, probe, rows, calib_bytes, cfg.batch_size, cfg.cache_memory_gib, device, cfg.cache_batch_size,
+                       cfg.fp_targets)
     if log is not None:
         log(plan.summary())
     return probe.order, plan
 
 
-def _unit_data(fp: UnitStream, quant: UnitStream, calib: CalibrationSet, plan: MemoryPlan, spill_dir: str) -> tuple[BlockData, str | None]:
+def _unit_data(fp: UnitStream | RecordedTargets, quant: UnitStream, calib: CalibrationSet, plan: MemoryPlan, spill_dir: str) -> tuple[BlockData, str | None]:
     """The next unit's FP targets and quantized-model inputs over the calibration set, spilled above the budget."""
-    target = concat(fp.next())
+    target = fp.next() if isinstance(fp, RecordedTargets) else concat(fp.next())
     inputs = quant.next()
     args = [concat([i[0][k] for i in inputs]) for k in range(len(inputs[0][0]))]
     kwargs = {k: concat([i[1][k] for i in inputs]) for k in inputs[0][1]}
@@ -187,8 +192,10 @@ def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: Rec
     train_mask = ~calib.is_val
     stats = {}
     modules = [(u.name, u.module) for u in units]
-    with UnitStream(model, modules, calib, cfg.cache_batch_size, "outputs", lambda: full_precision(model)) as fp, \
-            UnitStream(model, modules, calib, cfg.cache_batch_size, "inputs") as quant:
+    fp_mode = lambda: full_precision(model)  # noqa: E731
+    fp_source = (RecordedTargets(model, modules, calib, cfg.cache_batch_size, config.calibration.cache_dir, fp_mode, progress)
+                 if plan.fp_targets == "disk" else UnitStream(model, modules, calib, cfg.cache_batch_size, "outputs", fp_mode))
+    with fp_source as fp, UnitStream(model, modules, calib, cfg.cache_batch_size, "inputs") as quant:
         bar = tqdm(units, desc="reconstruct", unit="block", disable=not progress)
         for unit in bar:
             bar.set_postfix_str(unit.name)

@@ -83,7 +83,8 @@ def child(args) -> dict:
     calib = calibration(args.rows[0], args.latent, seed=0)
     if args.dtype != "float32":
         calib = calib.stored_as(getattr(torch, args.dtype))
-    algo = UniformConfig(iters=args.iters, act_iters=args.iters, batch_size=args.batch_size, cache_batch_size=args.cache_batch_size)
+    algo = UniformConfig(iters=args.iters, act_iters=args.iters, batch_size=args.batch_size, cache_batch_size=args.cache_batch_size,
+                         fp_targets=args.fp_targets)
     config = preset("W4A8", algorithm=algo)
     t1 = time.perf_counter()
     if args.trace:  # resident and peak memory after each unit, on stderr
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="where the UNet computes (cuda: the peak GPU memory is reported too)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the UNet's and calibration inputs' dtype")
+    ap.add_argument("--fp-targets", default="auto", choices=["auto", "pass", "disk"], help="the algorithm's fp_targets setting")
     ap.add_argument("--json")
     ap.add_argument("--trace", action="store_true", help="print resident and peak memory after each unit")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -132,7 +134,7 @@ def main() -> None:
     for rows in args.rows:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--rows", str(rows), "--latent", str(args.latent),
                "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--cache-batch-size", str(args.cache_batch_size),
-               "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype] + (["--trace"] if args.trace else [])
+               "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype, "--fp-targets", args.fp_targets] + (["--trace"] if args.trace else [])
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         r = results[-1]
@@ -143,13 +145,15 @@ def main() -> None:
     print(f"\nSD-1.5-shaped UNet2DConditionModel, {results[0]['params'] / 1e6:.0f}M parameters ({w / GiB:.2f} GiB fp32); "
           f"{args.latent}x{args.latent} latent, uniform W4A8, {args.iters}+{args.iters} iterations per unit, batch {args.batch_size}, "
           f"{args.threads} thread(s), {args.dtype} on {results[0]['gpu'] or platform.processor() or platform.machine()}\n")
-    print("| rows | peak RSS | target 1.5 W + 1 GiB | estimated peak | paused passes | largest unit cache | quantize | "
+    print("| rows | peak RSS | target 1.5 W + 1 GiB | estimated peak | paused passes | FP targets | largest unit cache | quantize | "
           "of which caching | per block-iteration (mean / max) | rows that fit in 24 GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         p = r["plan"]
         print(f"| {r['rows']} | {r['peak_rss'] / GiB:.2f} GiB | {(1.5 * w + GiB) / GiB:.2f} GiB | {p['peak'] / GiB:.2f} GiB | "
-              f"{p['paused_passes'] / GiB:.2f} GiB | {p['unit_cache'] / GiB:.2f} GiB | {r['seconds_quantize']:.0f} s | "
+              f"{p['paused_passes'] / GiB:.2f} GiB | {p.get('fp_targets', 'pass')}"
+              + (f" ({p['fp_disk'] / GiB:.2f} GiB on disk)" if p.get("fp_targets") == "disk" else "") + " | "
+              f"{p['unit_cache'] / GiB:.2f} GiB | {r['seconds_quantize']:.0f} s | "
               f"{r['seconds_cache']:.0f} s | {r['seconds_per_block_iteration_mean']:.2f} / {r['seconds_per_block_iteration_max']:.2f} s | "
               f"{r['rows_fit_24gb']} |")
     if args.json:

@@ -118,7 +118,11 @@ def test_adaround_hand_written_backward_matches_autograd_to_second_order():
     def custom(v):
         return (_SoftQuantWeight.apply(v, floor, scale, zero, -8, 7) * weights).sum() + _RoundingRegularizer.apply(v, 3.5)
 
-    assert torch.allclose(custom(v), reference(v))
+    assert torch.equal(custom(v), reference(v))
+    # first order (AdaRound's own training) takes the in-place backward: the same numbers as the differentiable one
+    first = torch.autograd.grad(custom(v), v)[0]
+    assert torch.equal(first, torch.autograd.grad(custom(v), v, create_graph=True)[0].detach())
+    torch.testing.assert_close(first, torch.autograd.grad(reference(v), v)[0], rtol=1e-12, atol=1e-15)
     (g_ref,) = torch.autograd.grad(reference(v), v, create_graph=True)
     (g_new,) = torch.autograd.grad(custom(v), v, create_graph=True)
     assert torch.allclose(g_new, g_ref) and (g_ref == 0).any() and (g_ref != 0).any()

@@ -24,6 +24,17 @@ def _h(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(_stretched(v)[0], 0, 1)
 
 
+def _h_inplace(v: torch.Tensor) -> torch.Tensor:
+    """``_h(v)`` in one new tensor (no derivative, no temporaries): for forwards and first-order backwards."""
+    return torch.sigmoid(v).mul_(ZETA - GAMMA).add_(GAMMA).clamp_(0, 1)
+
+
+def _sigmoid_slope(s: torch.Tensor) -> torch.Tensor:
+    """``s * (1 - s) * (ZETA - GAMMA)`` computed into ``s`` (the stretched sigmoid's derivative)."""
+    one_minus = torch.neg(s).add_(1)
+    return s.mul_(one_minus).mul_(ZETA - GAMMA)
+
+
 class _SoftQuantWeight(torch.autograd.Function):
     """``s * (clamp(floor + h(V) + z, qmin, qmax) - z)`` with a hand-written backward that recomputes h(V)
     from V: autograd would keep about eight weight-sized tensors per layer for the backward pass (52 bytes per
@@ -34,16 +45,27 @@ class _SoftQuantWeight(torch.autograd.Function):
     def forward(ctx, v, floor, scale, zero, qmin: int, qmax: int):
         ctx.save_for_backward(v, floor, scale, zero)
         ctx.qrange = (qmin, qmax)
-        return scale * (torch.clamp(floor + _h(v) + zero, qmin, qmax) - zero)
+        # in place: one weight-sized tensor (the result) instead of a temporary per operation
+        return _h_inplace(v).add_(floor).add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         v, floor, scale, zero = ctx.saved_tensors
         qmin, qmax = ctx.qrange
-        u, du = _stretched(v)
-        x = floor + torch.clamp(u, 0, 1) + zero
-        inside = (u >= 0) & (u <= 1) & (x >= qmin) & (x <= qmax)  # torch.clamp passes gradients on its bounds too
-        return grad * scale * du * inside, None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph (gradient_aligned): differentiable ops
+            u, du = _stretched(v)
+            x = floor + torch.clamp(u, 0, 1) + zero
+            inside = (u >= 0) & (u <= 1) & (x >= qmin) & (x <= qmax)  # torch.clamp passes gradients on its bounds too
+            return grad * scale * du * inside, None, None, None, None, None
+        s = torch.sigmoid(v)
+        x = s * (ZETA - GAMMA)
+        x.add_(GAMMA)
+        inside = (x >= 0) & (x <= 1)
+        x.clamp_(0, 1).add_(floor).add_(zero)
+        inside &= x >= qmin
+        inside &= x <= qmax
+        del x
+        return (grad * scale).mul_(_sigmoid_slope(s)).mul_(inside), None, None, None, None, None
 
 
 class _RoundingRegularizer(torch.autograd.Function):
@@ -53,15 +75,25 @@ class _RoundingRegularizer(torch.autograd.Function):
     def forward(ctx, v, beta: float):
         ctx.save_for_backward(v)
         ctx.beta = beta
-        return (1 - (2 * _h(v) - 1).abs().pow(beta)).sum()
+        return _h_inplace(v).mul_(2).sub_(1).abs_().pow_(beta).neg_().add_(1).sum()
 
     @staticmethod
     def backward(ctx, grad):
         (v,) = ctx.saved_tensors
-        u, du = _stretched(v)
-        a = 2 * torch.clamp(u, 0, 1) - 1
-        d_a = -ctx.beta * a.abs().pow(ctx.beta - 1) * torch.sign(a)
-        return grad * d_a * 2 * du * ((u >= 0) & (u <= 1)), None
+        if torch.is_grad_enabled():  # create_graph: differentiable ops
+            u, du = _stretched(v)
+            a = 2 * torch.clamp(u, 0, 1) - 1
+            d_a = -ctx.beta * a.abs().pow(ctx.beta - 1) * torch.sign(a)
+            return grad * d_a * 2 * du * ((u >= 0) & (u <= 1)), None
+        s = torch.sigmoid(v)
+        a = s * (ZETA - GAMMA)
+        a.add_(GAMMA)
+        inside = (a >= 0) & (a <= 1)
+        a.clamp_(0, 1).mul_(2).sub_(1)
+        sign = torch.sign(a)
+        d = a.abs_().pow_(ctx.beta - 1).mul_(-ctx.beta).mul_(sign)
+        del a, sign
+        return d.mul_(grad).mul_(2).mul_(_sigmoid_slope(s)).mul_(inside), None
 
 
 class AdaRound(nn.Module):

@@ -69,6 +69,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> str:
     model.train()
     t0 = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
+    ema_params, model_params, pending = list(ema.parameters()), list(model.parameters()), []
     while step < cfg.steps:
         idx = torch.randint(0, data.shape[0], (cfg.batch_size,), generator=gen)
         x0 = data[idx.to(cfg.device)]
@@ -85,12 +86,14 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> str:
         opt.step()
         with torch.no_grad():
             decay = cfg.ema_decay if step >= cfg.ema_start else 0.0
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+            torch._foreach_lerp_(ema_params, model_params, 1 - decay)  # one fused update, not a launch per tensor
         step += 1
-        losses.append(float(loss.detach()))
+        pending.append(loss.detach())  # read back in groups: a GPU waits for each read
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if step % 50 == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            losses += torch.stack(pending).tolist()
+            pending.clear()
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             torch_save(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step, losses=losses), ckpt)
     bar.close()

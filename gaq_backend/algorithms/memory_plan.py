@@ -20,7 +20,7 @@ from .block_cache import output_tensor
 from .blocks import ReconUnit
 
 GiB = 2**30
-ADAROUND_BYTES_PER_WEIGHT = 40
+ADAROUND_BYTES_PER_WEIGHT = 24
 
 
 def _nbytes(v) -> int:
@@ -161,9 +161,10 @@ def plan_memory(model: nn.Module, probe: Probe, rows: int, calibration_bytes: in
     device = device or next(model.parameters()).device
     model_bytes = sum(_nbytes(p) for p in model.parameters()) + sum(_nbytes(b) for b in model.buffers())
     name, fp = max(probe.footprint.items(), key=lambda kv: kv[1].cache_row)
-    # AdaRound, per weight in float32: floors, V, its gradient, Adam's two moments and step temporaries, the soft
-    # weight (and its concatenation for split layers), measured at 39 bytes on the largest SD 1.5 block;
-    # activations twice (forward and gradients)
+    # AdaRound, per weight in float32: floors, V, its gradient, Adam's two moments, the soft weight (and its
+    # concatenation for split layers) and the backward's in-place temporaries: 39 bytes measured on the largest
+    # SD 1.5 block before the in-place path, which saves 18-20 bytes (benchmarks/adaround_memory.py), rounded
+    # up; activations twice (forward and gradients)
     recon = max(2 * min(batch_size, rows) * f.work_row + ADAROUND_BYTES_PER_WEIGHT * f.weights for f in probe.footprint.values())
     # the forward passes (paused passes, activation ranges) run forward_batch rows at a time, one at a time
     recon = max(recon, min(forward_batch, rows) * max(f.work_row for f in probe.footprint.values()))

@@ -1,0 +1,73 @@
+"""Where a block-reconstruction iteration spends its time (issue 16's first step), on the embedded model.
+
+    python benchmarks/recon_profile.py --iters 40 --threads 2 --profile down_blocks.1.resnets.0
+
+Runs `uniform` W4A8 from the shipped recipe's calibration set (captured once, then cached) with --iters
+AdaRound and as many step-size iterations per unit, and prints per unit the time per iteration of each
+phase (from the report's per-unit timings). With --profile UNIT, torch's profiler records that unit's
+reconstruction and the operators taking the most self CPU time are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main() -> None:
+    import torch
+
+    import gaq_backend.algorithms.reconstruction as recon
+    from gaq_backend.api import quantize
+    from gaq_backend.calibration import capture_calibration
+    from gaq_backend.models.loading import load_model
+    from gaq_backend.recipe import load_recipe
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default=os.path.join(ROOT, "recipes", "ddpm-mnist-w4a8-uniform.yaml"))
+    ap.add_argument("--iters", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", help="a unit name whose reconstruction runs under torch.profiler")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(args.recipe, [f"settings.iters={args.iters}", f"settings.act_iters={args.iters}"])
+    loaded = load_model(recipe.model, recipe.model_options)
+    calib, _ = capture_calibration(loaded.unet, loaded.scheduler_config, recipe.sampler, recipe.calibration, progress=False)
+
+    profiled = {}
+    if args.profile:
+        inner = recon.reconstruct_unit
+
+        def traced(unit, *a, **k):
+            if unit.name != args.profile:
+                return inner(unit, *a, **k)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                out = inner(unit, *a, **k)
+            profiled["table"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
+            return out
+        recon.reconstruct_unit = traced
+    t0 = time.perf_counter()
+    q = quantize(loaded.unet, recipe.quant_config(), calib, progress=False)
+    total = time.perf_counter() - t0
+    blocks = q.gaq_info.stats["blocks"]
+    print(f"uniform W4A8, {args.iters} + {args.iters} iterations per unit, batch {recipe.settings.batch_size}, "
+          f"{args.threads} thread(s), {len(calib.train)} training rows: {total:.1f} s in all")
+    print("| unit | kind | caching s | reconstruct s | ms per iteration (both phases) |")
+    print("|---|---|---|---|---|")
+    for name, b in blocks.items():
+        print(f"| {name} | {b['kind']} | {b['seconds_cache']:.2f} | {b['seconds_reconstruct']:.2f} | "
+              f"{1000 * b['seconds_reconstruct'] / (2 * args.iters):.1f} |")
+    rec = sum(b["seconds_reconstruct"] for b in blocks.values())
+    print(f"\nreconstruction {rec:.1f} s of {total:.1f} s; mean {1000 * rec / (2 * args.iters * len(blocks)):.1f} ms per unit-iteration")
+    if "table" in profiled:
+        print(f"\ntorch.profiler, {args.profile} (self CPU time):\n{profiled['table']}")
+
+
+if __name__ == "__main__":
+    main()

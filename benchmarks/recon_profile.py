@@ -34,12 +34,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", help="a unit name whose reconstruction runs under torch.profiler")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--act-iters", type=int, help="step-size iterations per unit (default: --iters)")
+    ap.add_argument("--autocast", choices=["none", "bf16"], default="none")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.recipe, [f"settings.iters={args.iters}", f"settings.act_iters={args.iters}"])
+    act_iters = args.iters if args.act_iters is None else args.act_iters
+    recipe = load_recipe(args.recipe, [f"settings.iters={args.iters}", f"settings.act_iters={act_iters}"])
     loaded = load_model(recipe.model, recipe.model_options)
     calib, _ = capture_calibration(loaded.unet, loaded.scheduler_config, recipe.sampler, recipe.calibration, progress=False)
 
+    if args.autocast == "bf16":
+        import gaq_backend.algorithms.block_cache as block_cache
+
+        run = block_cache.BlockData.run
+
+        def autocast_run(self, module, idx, params=None):
+            if not torch.is_grad_enabled():  # mse_before / mse_after stay float32
+                return run(self, module, idx, params)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, target = run(self, module, idx, params)
+            return out.float(), target
+        block_cache.BlockData.run = autocast_run
     profiled = {}
     if args.profile:
         inner = recon.reconstruct_unit
@@ -56,15 +71,18 @@ def main() -> None:
     q = quantize(loaded.unet, recipe.quant_config(), calib, progress=False)
     total = time.perf_counter() - t0
     blocks = q.gaq_info.stats["blocks"]
-    print(f"uniform W4A8, {args.iters} + {args.iters} iterations per unit, batch {recipe.settings.batch_size}, "
-          f"{args.threads} thread(s), {len(calib.train)} training rows: {total:.1f} s in all")
+    from gaq_backend.evaluation.noise import noise_mse
+
+    mse, _ = noise_mse(q, calib.val, 256)
+    print(f"uniform W4A8, {args.iters} + {act_iters} iterations per unit, batch {recipe.settings.batch_size}, autocast {args.autocast}, "
+          f"{args.threads} thread(s), {len(calib.train)} training rows: {total:.1f} s in all, noise_mse {mse:.4e}")
     print("| unit | kind | caching s | reconstruct s | ms per iteration (both phases) |")
     print("|---|---|---|---|---|")
     for name, b in blocks.items():
         print(f"| {name} | {b['kind']} | {b['seconds_cache']:.2f} | {b['seconds_reconstruct']:.2f} | "
-              f"{1000 * b['seconds_reconstruct'] / (2 * args.iters):.1f} |")
+              f"{1000 * b['seconds_reconstruct'] / (args.iters + act_iters):.1f} |")
     rec = sum(b["seconds_reconstruct"] for b in blocks.values())
-    print(f"\nreconstruction {rec:.1f} s of {total:.1f} s; mean {1000 * rec / (2 * args.iters * len(blocks)):.1f} ms per unit-iteration")
+    print(f"\nreconstruction {rec:.1f} s of {total:.1f} s; mean {1000 * rec / ((args.iters + act_iters) * len(blocks)):.1f} ms per unit-iteration")
     if "table" in profiled:
         print(f"\ntorch.profiler, {args.profile} (self CPU time):\n{profiled['table']}")
 

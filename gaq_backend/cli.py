@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", parents=[common, overwrite], help="train the embedded MNIST DDPM (resumes from OUT.ckpt)")
     t.add_argument("--out", default=os.path.join("gaq_backend", "assets", "ddpm-mnist"))
-    t.add_argument("--steps", type=POSITIVE, default=4000)
+    t.add_argument("--steps", type=POSITIVE, default=8000)
     t.add_argument("--batch-size", type=_int_in(1, 65536), default=128)
     t.add_argument("--lr", type=_float_in(1e-12, 1.0), default=2e-4)
     t.add_argument("--seed", type=SEED_ARG, default=0)

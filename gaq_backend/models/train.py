@@ -20,7 +20,7 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_
 @dataclass
 class TrainConfig:
     out: str
-    steps: int = 4000
+    steps: int = 8000
     batch_size: int = 128
     lr: float = 2e-4
     warmup: int = 200

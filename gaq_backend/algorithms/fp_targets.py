@@ -85,7 +85,7 @@ class RecordedTargets:
     def next(self) -> torch.Tensor:
         f = self.files[self.next_unit]
         self.next_unit += 1
-        nbytes = f.rows * torch.Size(f.shape).numel() * torch.empty(0, dtype=f.dtype).element_size()
+        nbytes = f.rows * torch.Size(f.shape).numel() * f.dtype.itemsize
         raw = torch.from_file(f.path, shared=False, size=nbytes, dtype=torch.uint8)
         os.remove(f.path)
         return raw.view(f.dtype).view(f.rows, *f.shape).to(f.device)

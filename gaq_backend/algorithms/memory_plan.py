@@ -75,8 +75,9 @@ def probe_units(model: nn.Module, units: list[ReconUnit], calib: CalibrationSet)
             live[0] = max(live[0], alive_bytes() + inputs)
 
         def post(m, args, kwargs, out):
-            foot[name].cache_row += _nbytes(output_tensor(out))
-            foot[name].out_row += _nbytes(output_tensor(out))
+            n = _nbytes(output_tensor(out))
+            foot[name].cache_row += n
+            foot[name].out_row += n
         return pre, post
 
     def on_any(m, args, kwargs, out):

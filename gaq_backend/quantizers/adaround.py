@@ -29,6 +29,15 @@ def _h_inplace(v: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(v).mul_(ZETA - GAMMA).add_(GAMMA).clamp_(0, 1)
 
 
+def _stretched_inplace(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sigmoid(v), the stretched sigmoid before clamping (a new tensor the caller may overwrite), and where
+    the clamp passes gradients: the first-order backwards' common start."""
+    s = torch.sigmoid(v)
+    u = s * (ZETA - GAMMA)
+    u.add_(GAMMA)
+    return s, u, (u >= 0) & (u <= 1)
+
+
 def _sigmoid_slope(s: torch.Tensor) -> torch.Tensor:
     """``s * (1 - s) * (ZETA - GAMMA)`` computed into ``s`` (the stretched sigmoid's derivative)."""
     one_minus = torch.neg(s).add_(1)
@@ -57,10 +66,7 @@ class _SoftQuantWeight(torch.autograd.Function):
             x = floor + torch.clamp(u, 0, 1) + zero
             inside = (u >= 0) & (u <= 1) & (x >= qmin) & (x <= qmax)  # torch.clamp passes gradients on its bounds too
             return grad * scale * du * inside, None, None, None, None, None
-        s = torch.sigmoid(v)
-        x = s * (ZETA - GAMMA)
-        x.add_(GAMMA)
-        inside = (x >= 0) & (x <= 1)
+        s, x, inside = _stretched_inplace(v)
         x.clamp_(0, 1).add_(floor).add_(zero)
         inside &= x >= qmin
         inside &= x <= qmax
@@ -85,10 +91,7 @@ class _RoundingRegularizer(torch.autograd.Function):
             a = 2 * torch.clamp(u, 0, 1) - 1
             d_a = -ctx.beta * a.abs().pow(ctx.beta - 1) * torch.sign(a)
             return grad * d_a * 2 * du * ((u >= 0) & (u <= 1)), None
-        s = torch.sigmoid(v)
-        a = s * (ZETA - GAMMA)
-        a.add_(GAMMA)
-        inside = (a >= 0) & (a <= 1)
+        s, a, inside = _stretched_inplace(v)
         a.clamp_(0, 1).mul_(2).sub_(1)
         sign = torch.sign(a)
         d = a.abs_().pow_(ctx.beta - 1).mul_(-ctx.beta).mul_(sign)

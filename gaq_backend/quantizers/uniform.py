@@ -61,13 +61,12 @@ class _FakeQuant(torch.autograd.Function):
         x, scale, zero = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         need_x, need_s, need_z = ctx.needs_input_grad[:3]
+        v = x / scale
         if torch.is_grad_enabled():  # create_graph: differentiable ops, straight-through round as autograd has it
-            v = x / scale
             r = round_ste(v) + zero
             inside = (r >= qmin) & (r <= qmax)
             gs = (grad * (torch.clamp(r, qmin, qmax) - zero - inside * v)).sum_to_size(scale.shape) if need_s else None
         else:  # the usual backward: in place on two fresh tensors
-            v = x / scale
             r = torch.round(v).add_(zero)
             inside = (r >= qmin) & (r <= qmax)
             gs = r.clamp_(qmin, qmax).sub_(zero).sub_(v.mul_(inside)).mul_(grad).sum_to_size(scale.shape) if need_s else None

@@ -99,7 +99,7 @@ def child(args) -> dict:
         recon.reconstruct_unit = traced
     quantize(unet, config, calib, progress=False)
     t2 = time.perf_counter()
-    stats = unet.gaq_info.stats
+    stats = unet.gaq_info.stats.to_dict()
     blocks = [b for b in stats["blocks"].values() if b["kind"] == "block"]
     per_iter = [b["seconds_reconstruct"] / (2 * args.iters) for b in blocks]
     return dict(rows=args.rows[0], latent=args.latent, weights_bytes=weights, params=sum(p.numel() for p in unet.parameters()),

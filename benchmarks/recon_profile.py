@@ -36,10 +36,13 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--act-iters", type=int, help="step-size iterations per unit (default: --iters)")
     ap.add_argument("--autocast", choices=["none", "bf16"], default="none")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each unit for its training iterations")
+    ap.add_argument("--batch-size", type=int, help="rows per reconstruction iteration (default: the recipe's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     act_iters = args.iters if args.act_iters is None else args.act_iters
-    recipe = load_recipe(args.recipe, [f"settings.iters={args.iters}", f"settings.act_iters={act_iters}"])
+    sets = [f"settings.iters={args.iters}", f"settings.act_iters={act_iters}"]
+    recipe = load_recipe(args.recipe, sets + ([f"settings.batch_size={args.batch_size}"] if args.batch_size else []))
     loaded = load_model(recipe.model, recipe.model_options)
     calib, _ = capture_calibration(loaded.unet, loaded.scheduler_config, recipe.sampler, recipe.calibration, progress=False)
 
@@ -55,6 +58,18 @@ def main() -> None:
                 out, target = run(self, module, idx, params)
             return out.float(), target
         block_cache.BlockData.run = autocast_run
+    if args.compile:
+        import gaq_backend.algorithms.block_cache as block_cache
+
+        plain_run, compiled = block_cache.BlockData.run, {}
+
+        def compiled_run(self, module, idx, params=None):
+            if params is not None or not torch.is_grad_enabled():  # mse_before / mse_after run eagerly
+                return plain_run(self, module, idx, params)
+            if id(module) not in compiled:
+                compiled[id(module)] = torch.compile(module)
+            return plain_run(self, compiled[id(module)], idx)
+        block_cache.BlockData.run = compiled_run
     profiled = {}
     if args.profile:
         inner = recon.reconstruct_unit
@@ -70,11 +85,12 @@ def main() -> None:
     t0 = time.perf_counter()
     q = quantize(loaded.unet, recipe.quant_config(), calib, progress=False)
     total = time.perf_counter() - t0
-    blocks = q.gaq_info.stats["blocks"]
+    blocks = {k: vars(v) for k, v in q.gaq_info.stats.blocks.items()}
     from gaq_backend.evaluation.noise import noise_mse
 
     mse, _ = noise_mse(q, calib.val, 256)
     print(f"uniform W4A8, {args.iters} + {act_iters} iterations per unit, batch {recipe.settings.batch_size}, autocast {args.autocast}, "
+          f"compile {args.compile}, "
           f"{args.threads} thread(s), {len(calib.train)} training rows: {total:.1f} s in all, noise_mse {mse:.4e}")
     print("| unit | kind | caching s | reconstruct s | ms per iteration (both phases) |")
     print("|---|---|---|---|---|")

@@ -19,7 +19,8 @@ _LAZY = {
     "register_algorithm": "algorithms", "quantize": "api", "CalibrationSet": "calibration",
     "capture_calibration": "calibration", "load_quantized": "serialization", "save_quantized": "serialization",
     "UniformConfig": "algorithms.uniform", "TemporalConfig": "algorithms.temporal",
-    "GradientAlignedConfig": "algorithms.gradient_aligned", "GAQConfig": "torchao_config", "unet_root": "torchao_config",
+    "GradientAlignedConfig": "algorithms.gradient_aligned", "CalibrationRecord": "algorithms.result",
+    "GAQConfig": "torchao_config", "unet_root": "torchao_config",
 }
 __all__ = list(_LAZY)
 

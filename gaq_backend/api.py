@@ -21,6 +21,7 @@ from torch import nn
 
 from .algorithms import get_algorithm
 from .algorithms.common import freeze_weights
+from .algorithms.result import CalibrationRecord
 from .calibration import CalibrationSet
 from .calibration.recorder import Recorder, calibration_from_tensors
 from .config import ConfigError, QuantConfig
@@ -32,7 +33,7 @@ class QuantizationInfo:
     """Attached to a quantized model as ``model.gaq_info``."""
     config: QuantConfig
     wrap: WrapReport
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: CalibrationRecord = field(default_factory=CalibrationRecord)
     held_out: CalibrationSet | None = None   # a few validation inputs, saved for the export parity check
 
 
@@ -130,6 +131,8 @@ def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: Calibr
     report = wrap_for_config(model, config)
     model.requires_grad_(False)
     stats = spec.run(model, config, calibration, fp_model=fp_model, progress=progress)
+    if not isinstance(stats, CalibrationRecord):  # a third-party algorithm's own figures
+        stats = CalibrationRecord(extra=dict(stats or {}))
     freeze_weights(model)
-    model.gaq_info = QuantizationInfo(config, report, stats or {}, held_out)
+    model.gaq_info = QuantizationInfo(config, report, stats, held_out)
     return model

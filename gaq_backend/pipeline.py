@@ -19,6 +19,7 @@ from .calibration.pipeline_capture import capture_from_pipeline, pipeline_images
 from .models.loading import LoadedModel, load_model, make_scheduler_for, resolve_model_path
 from .recipe import Recipe
 from .sampling import ddim_sample, initial_noise, model_dtype
+from .algorithms.sample_weights import FILES as SAMPLE_WEIGHT_FILES
 from .serialization import FOLDER_FILES, write_quantized
 from .utils.cache import prepare_cache_dir
 from .utils.io import check_output_dir, output_dir, write_json
@@ -26,7 +27,8 @@ from .utils.memory import check_fits
 from .wrapping.wrap import check_keep_fp
 
 
-OUTPUT_FILES = (*FOLDER_FILES, "samples.png", "report.json")  # plus an algorithm's artifacts
+OUTPUT_FILES = (*FOLDER_FILES, "samples.png", "report.json")
+ALGORITHM_FILES = {"gradient_aligned": SAMPLE_WEIGHT_FILES}  # written beside them by CalibrationRecord.write_files
 
 
 def load_model_and_scheduler(model: str, options=None) -> tuple[torch.nn.Module, dict]:
@@ -153,7 +155,8 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
     timings: dict[str, float] = {}
     dev = resolve_device(device)
     protect = output_protect(recipe, recipe_path)
-    check_output_dir(out_dir, "quantized", overwrite, protect, files=OUTPUT_FILES)
+    files = (*OUTPUT_FILES, *ALGORITHM_FILES.get(recipe.algorithm, ()))
+    check_output_dir(out_dir, "quantized", overwrite, protect, files=files)
     if not dry_run:
         prepare_cache_dir(recipe.calibration.cache_dir, "calibration.cache_dir")
     loaded = load_model(recipe.model, recipe.model_options)
@@ -183,8 +186,6 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
     qcfg = recipe.quant_config()
     quantize(unet, qcfg, calib, progress=progress)
     timings["calibration"] = time.perf_counter() - t
-    # files an algorithm writes beside the model (name -> writer(path)); not part of the JSON report
-    artifacts = unet.gaq_info.stats.pop("artifacts", {})
     log(unet.gaq_info.wrap.summary())
 
     t = time.perf_counter()
@@ -200,14 +201,13 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
                                            f"{recipe.sampler.kind} steps, eta {recipe.sampler.eta}"),
         calibration=dict(n_train=len(calib.train), n_val=len(calib.val), n_steps=int(calib.step.max()) + 1, n_groups=calib.n_groups, cache_hit=cached),
         layers=unet.gaq_info.wrap.to_dict(),
-        algorithm_stats=unet.gaq_info.stats,
+        algorithm_stats=unet.gaq_info.stats.to_dict(),
         environment=dict(gaq=__version__, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
                          device=str(dev)),
     )
-    with output_dir(out_dir, "quantized", overwrite, protect, files=OUTPUT_FILES) as tmp:
+    with output_dir(out_dir, "quantized", overwrite, protect, files=files) as tmp:
         write_quantized(unet, tmp, sched_cfg, recipe)
-        for name, write in artifacts.items():
-            write(os.path.join(tmp, name))
+        unet.gaq_info.stats.write_files(tmp)  # an algorithm's own files (gradient_aligned's weights and figures)
         n = min(rep.grid, rep.num_samples)
         save_grid(os.path.join(tmp, "samples.png"), side_by_side(grid(to_uint8(fp_imgs[:n])), grid(to_uint8(q_imgs[:n]))))
         timings["total"] = time.perf_counter() - t_start

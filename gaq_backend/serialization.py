@@ -216,5 +216,5 @@ def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
     if dtype != torch.float32:  # the weights were stored in the model's dtype; compute in it again
         cast_model_weights(model, dtype)
     model.eval().requires_grad_(False)
-    model.gaq_info = QuantizationInfo(qcfg, wrap_report, {}, load_held_out(folder))
+    model.gaq_info = QuantizationInfo(qcfg, wrap_report, held_out=load_held_out(folder))
     return model, sched_cfg, recipe

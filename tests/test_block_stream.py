@@ -57,8 +57,8 @@ def test_every_unit_runs_once_per_batch_in_each_of_the_two_passes(tmp_path, monk
 def test_unit_cache_on_disk_gives_the_same_model_and_leaves_no_file(tmp_path):
     in_memory = _quantize(tmp_path)
     on_disk = _quantize(tmp_path, cache_memory_gib=1e-9)
-    blocks = on_disk.gaq_info.stats["blocks"]
-    assert all(b["on_disk"] for b in blocks.values()) and not any(b["on_disk"] for b in in_memory.gaq_info.stats["blocks"].values())
+    blocks = on_disk.gaq_info.stats.blocks
+    assert all(b.on_disk for b in blocks.values()) and not any(b.on_disk for b in in_memory.gaq_info.stats.blocks.values())
     a, b = _state(in_memory), _state(on_disk)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [f for f in os.listdir(tmp_path / "cache") if f.startswith(".tmp-gaq-")]
@@ -78,24 +78,24 @@ def test_fp_targets_recorded_to_disk_give_the_same_model_half_the_paused_passes_
     recorded = _quantize(tmp_path, fp_targets="disk")
     a, b = _state(paused), _state(recorded)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    p, r = paused.gaq_info.stats["memory_plan"], recorded.gaq_info.stats["memory_plan"]
+    p, r = paused.gaq_info.stats.memory_plan, recorded.gaq_info.stats.memory_plan
     assert (p["fp_targets"], r["fp_targets"]) == ("pass", "disk") and 2 * r["paused_passes"] == p["paused_passes"]
     assert written == [r["fp_disk"]] and p["fp_disk"] == 0  # the plan's disk estimate is what was written
     assert not [f for f in os.listdir(tmp_path / "cache") if f.startswith(".tmp-gaq-")]
 
 
 def test_fp_targets_go_to_disk_when_the_paused_passes_would_not_fit(tmp_path, monkeypatch):
-    plan = _quantize(tmp_path).gaq_info.stats["memory_plan"]  # fp_targets: auto
+    plan = _quantize(tmp_path).gaq_info.stats.memory_plan  # fp_targets: auto
     assert plan["fp_targets"] == "pass"
     # just enough for one stream's paused passes, the working set and the cache, not for two streams
     need = plan["paused_passes"] // 2 + plan["reconstruction"] + plan["unit_cache"]
     monkeypatch.setattr(memory_plan, "free_bytes", lambda device: int(need / 0.9) + 1)
-    plan = _quantize(tmp_path).gaq_info.stats["memory_plan"]
+    plan = _quantize(tmp_path).gaq_info.stats.memory_plan
     assert plan["fp_targets"] == "disk" and not plan["spills"]
 
 
 def test_memory_plan_is_reported_and_refuses_what_cannot_fit(tmp_path, monkeypatch):
-    plan = _quantize(tmp_path).gaq_info.stats["memory_plan"]
+    plan = _quantize(tmp_path).gaq_info.stats.memory_plan
     assert plan["rows"] > 0 and plan["paused_passes"] > 0 and plan["unit_cache"] > 0 and plan["peak"] > plan["model"]
     monkeypatch.setattr(memory_plan, "free_bytes", lambda device: 1000)
     with pytest.raises(ValueError, match=r"more than the 0\.0 GiB free; lower calibration\.n_per_step"):

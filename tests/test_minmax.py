@@ -70,3 +70,31 @@ def test_nan_calibration_data_is_refused_before_touching_the_model(tiny_model_di
     with pytest.raises(ValueError, match="NaN or Inf in 'eps'"):
         quantize(model, QuantConfig(algorithm=MinMaxConfig()), bad)
     assert not quant_layers(model)
+
+
+def test_a_registered_third_party_algorithm_runs_and_its_figures_reach_the_record(tiny_model_dir, calib, monkeypatch):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import gaq_backend.algorithms.registry as registry
+    from gaq_backend.algorithms.minmax import calibrate_minmax
+    from gaq_backend.config import AlgorithmConfig
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # leaves no trace in other tests
+
+    @dataclass
+    class MineConfig(AlgorithmConfig):
+        name: ClassVar[str] = "mine"
+        weight_range: str = "max"
+        act_range: str = "minmax"
+        percentile: float = 99.99
+        batch_size: int = 64
+
+    @registry.register_algorithm(MineConfig)
+    def calibrate_mine(model, config, calibration, fp_model=None, progress=True):
+        calibrate_minmax(model, config, calibration, fp_model, progress)
+        return {"rows": len(calibration.train)}
+
+    q = quantize(load_unet(tiny_model_dir), QuantConfig(w_bits=8, a_bits=8, algorithm=MineConfig()), calib, progress=False)
+    assert q.gaq_info.stats.extra == {"rows": len(calib.train)}
+    assert json.loads(json.dumps(q.gaq_info.stats.to_dict())) == {"rows": len(calib.train)}

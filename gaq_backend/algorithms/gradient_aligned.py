@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -36,6 +36,8 @@ from .blocks import ReconUnit
 from .common import set_quant_state
 from .reconstruction import per_sample_lp, sample_factors
 from .registry import register_algorithm
+from .result import CalibrationRecord
+from .sample_weights import SampleWeights, UnitWeights
 from .temporal import TemporalConfig, calibrate_temporal
 from .uniform import calibrate_uniform
 
@@ -192,13 +194,6 @@ def validation_groups(group: torch.Tensor, is_val: torch.Tensor) -> list[torch.T
     return groups
 
 
-@dataclass
-class UnitWeights:
-    factors: torch.Tensor | None      # N * w per training sample (None: nothing to learn, uniform)
-    stats: dict
-    alignment: torch.Tensor | None = None   # per-sample mean alignment with the unit-norm group gradients (NaN: never drawn)
-
-
 def learn_sample_weights(unit: ReconUnit, data: BlockData, train_mask: torch.Tensor, group: torch.Tensor,
                          cfg: GradientAlignedConfig, gen: torch.Generator) -> UnitWeights:
     """Algorithm 2 for one unit: N * w for the unit's training samples."""
@@ -274,43 +269,28 @@ def _group_gradient_distances(probe: UnitProbe, theta: list[torch.Tensor], train
 
 
 class SampleWeightLearner:
-    """The ``weight_fn`` handed to ``sweep``: learns each unit's weights and keeps their diagnostics."""
+    """The ``weight_fn`` handed to ``sweep``: learns each unit's weights into a :class:`SampleWeights`."""
 
     def __init__(self, cfg: GradientAlignedConfig, group: torch.Tensor, t: torch.Tensor) -> None:
-        self.cfg, self.group, self.t = cfg, group, t
+        self.cfg = cfg
         # its own stream, so the reconstruction draws the same batches as ``uniform`` with the same seed
         self.gen = torch.Generator().manual_seed(cfg.seed + 2)
-        self.units: dict[str, UnitWeights] = {}
-        self.train_mask: torch.Tensor | None = None
+        self.result = SampleWeights(t, group)
 
     def __call__(self, unit: ReconUnit, data: BlockData, train_mask: torch.Tensor) -> torch.Tensor | None:
-        self.train_mask = train_mask
-        result = learn_sample_weights(unit, data, train_mask, self.group, self.cfg, self.gen)
-        self.units[unit.name] = result
-        return result.factors
-
-    def summary(self) -> dict:
-        learned = {k: v.stats for k, v in self.units.items()}
-        ent = [s["entropy"] for s in learned.values() if "entropy" in s]
-        return dict(units=learned, min_entropy=min(ent) if ent else None,
-                    seconds=sum(s.get("seconds", 0.0) for s in learned.values()))
-
-    def artifacts(self) -> dict[str, Callable[[str], None]]:
-        from .gradient_aligned_report import write_plots, write_weights
-
-        return {"sample_weights.pt": lambda path: write_weights(self, path),
-                "weight_vs_alignment.png": lambda path: write_plots(self, path, "alignment"),
-                "group_gradient_distance.png": lambda path: write_plots(self, path, "distance")}
+        self.result.train_mask = train_mask
+        weights = learn_sample_weights(unit, data, train_mask, self.result.group, self.cfg, self.gen)
+        self.result.units[unit.name] = weights
+        return weights.factors
 
 
 @register_algorithm(GradientAlignedConfig)
 def calibrate_gradient_aligned(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module | None = None,
-                               progress: bool = True) -> dict:
+                               progress: bool = True) -> CalibrationRecord:
     cfg: GradientAlignedConfig = config.algorithm
     validation_groups(calib.group, calib.is_val)  # fail before any caching, not at the first block
     learner = SampleWeightLearner(cfg, calib.group, calib.t)
     base = calibrate_temporal if cfg.base == "temporal" else calibrate_uniform
-    stats = base(model, config, calib, fp_model, progress, weight_fn=learner)
-    stats["sample_weights"] = learner.summary()
-    stats["artifacts"] = learner.artifacts()
-    return stats
+    record = base(model, config, calib, fp_model, progress, weight_fn=learner)
+    record.sample_weights = learner.result
+    return record

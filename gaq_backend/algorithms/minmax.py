@@ -13,6 +13,7 @@ from ..quantizers.observers import MinMaxObserver, PercentileObserver
 from ..wrapping import quant_layers
 from .common import observing_activations, run_calibration_batches, set_quant_state
 from .registry import register_algorithm
+from .result import CalibrationRecord
 
 
 @dataclass
@@ -46,9 +47,9 @@ def fit_activations(model: nn.Module, calib: CalibrationSet, cfg: MinMaxConfig, 
 
 
 @register_algorithm(MinMaxConfig)
-def calibrate_minmax(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model=None, progress: bool = True) -> dict:
+def calibrate_minmax(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model=None, progress: bool = True) -> CalibrationRecord:
     cfg: MinMaxConfig = config.algorithm
     fit_weights(model, cfg.weight_range)
     if config.a_bits < 32:
         fit_activations(model, calib.train, cfg, progress)
-    return {}
+    return CalibrationRecord()

@@ -27,6 +27,7 @@ from .common import full_precision, set_quant_state
 from .fp_targets import RecordedTargets
 from .memory_plan import MemoryPlan, plan_memory, probe_units
 from .minmax import MinMaxConfig, fit_activations, fit_weights
+from .result import UnitRecord
 from .unit_stream import UnitStream
 
 
@@ -185,12 +186,12 @@ def _unit_data(fp: UnitStream | RecordedTargets, quant: UnitStream, calib: Calib
 
 
 def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: ReconstructionConfig,
-          progress: bool, units: list[ReconUnit], plan: MemoryPlan, weight_fn: WeightFn | None = None) -> dict:
+          progress: bool, units: list[ReconUnit], plan: MemoryPlan, weight_fn: WeightFn | None = None) -> dict[str, UnitRecord]:
     """Reconstruct ``units`` (in forward order, from ``plan_sweep``). ``weight_fn(unit, data, train_mask)`` may
     return per-sample factors (``N * w_i``) for the unit's training samples; None means uniform weighting."""
     gen = torch.Generator().manual_seed(cfg.seed)
     train_mask = ~calib.is_val
-    stats = {}
+    stats: dict[str, UnitRecord] = {}
     modules = [(u.name, u.module) for u in units]
     fp_mode = lambda: full_precision(model)  # noqa: E731
     fp_source = (RecordedTargets(model, modules, calib, cfg.cache_batch_size, config.calibration.cache_dir, fp_mode, progress)
@@ -208,10 +209,10 @@ def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: Rec
                 train = data.subset(train_mask)
                 before = unit_mse(unit, train, cfg.batch_size)
                 info = reconstruct_unit(unit, train, cfg, config.a_bits, factors, gen)
-                stats[unit.name] = dict(kind=unit.kind, mse_before=before, mse_after=unit_mse(unit, train, cfg.batch_size), on_disk=spilled is not None,
-                                        seconds_cache=t1 - t0, seconds_weights=t2 - t1, seconds_reconstruct=time.perf_counter() - t2,
-                                        loss_first=info["curve"][0] if info["curve"] else math.nan,
-                                        loss_last=info["curve"][-1] if info["curve"] else math.nan)
+                curve = info["curve"]
+                stats[unit.name] = UnitRecord(unit.kind, before, unit_mse(unit, train, cfg.batch_size),
+                                              curve[0] if curve else math.nan, curve[-1] if curve else math.nan,
+                                              t1 - t0, t2 - t1, time.perf_counter() - t2, on_disk=spilled is not None)
             finally:
                 data = train = None  # the last references to a memory-mapped file
                 if spilled is not None:

@@ -15,10 +15,11 @@ class UnknownAlgorithmError(ConfigError):
 class AlgorithmSpec:
     name: str
     config_cls: type[AlgorithmConfig]
-    # run(model, quant_config, calibration, fp_model, progress) -> dict of statistics for the report.
+    # run(model, quant_config, calibration, fp_model, progress) -> CalibrationRecord (a plain dict of JSON
+    # figures, or None, is accepted from third-party algorithms and kept as the record's ``extra``).
     # gaq's own algorithms get the FP model from the same module (algorithms.common.full_precision);
     # needs_fp_model=True hands a deep copy instead, for an algorithm that cannot work that way.
-    run: Callable[..., dict[str, Any]]
+    run: Callable[..., Any]
     needs_fp_model: bool = False
 
 
@@ -27,7 +28,7 @@ _REGISTRY: dict[str, AlgorithmSpec] = {}
 
 def register_algorithm(config_cls: type[AlgorithmConfig], needs_fp_model: bool = False):
     """Decorator: ``@register_algorithm(MyConfig)`` registers ``run`` under ``MyConfig.name``."""
-    def deco(run: Callable[..., dict[str, Any]]):
+    def deco(run: Callable[..., Any]):
         name = config_cls.name
         if not name:
             raise ValueError(f"{config_cls.__name__}.name is empty")

@@ -24,6 +24,7 @@ from ..wrapping import QuantLayerMixin
 from .common import full_precision, set_quant_state
 from .reconstruction import ReconstructionConfig, WeightFn, init_ranges, learn_rounding, per_sample_lp, plan_sweep, sweep
 from .registry import register_algorithm
+from .result import CalibrationRecord, TemporalBlockRecord
 
 
 @dataclass
@@ -49,7 +50,7 @@ def _resnets_with_time(model: nn.Module):
 
 
 def reconstruct_tib(model: nn.Module, layers: dict[str, QuantLayerMixin], t_all: torch.Tensor,
-                    cfg: TemporalConfig, a_bits: int, gen: torch.Generator) -> dict:
+                    cfg: TemporalConfig, a_bits: int, gen: torch.Generator) -> TemporalBlockRecord:
     with torch.no_grad(), full_precision(model):
         targets = time_features(model, t_all)
     tib = list(layers.values())
@@ -66,8 +67,7 @@ def reconstruct_tib(model: nn.Module, layers: dict[str, QuantLayerMixin], t_all:
         fit_timestep_ranges(model, tib, t_all)
     with torch.no_grad(), current_timesteps(t_all):
         err = sum(float((o - tg).pow(2).mean()) for o, tg in zip(time_features(model, t_all), targets))
-    return dict(loss_first=curve[0] if curve else None, loss_last=curve[-1] if curve else None, mse_after=err,
-                n_timesteps=len(t_all), n_layers=len(tib))
+    return TemporalBlockRecord(len(t_all), len(tib), curve[0] if curve else None, curve[-1] if curve else None, err)
 
 
 @torch.no_grad()
@@ -93,7 +93,7 @@ def fit_timestep_ranges(model: nn.Module, tib: list[QuantLayerMixin], t_all: tor
 
 @register_algorithm(TemporalConfig)
 def calibrate_temporal(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module | None = None, progress: bool = True,
-                       weight_fn: WeightFn | None = None) -> dict:
+                       weight_fn: WeightFn | None = None) -> CalibrationRecord:
     """TIB first, then the other units; ``weight_fn`` (see ``sweep``) weights the units' samples."""
     cfg: TemporalConfig = config.algorithm
     if calib.timesteps is None:
@@ -101,16 +101,12 @@ def calibrate_temporal(model: nn.Module, config: QuantConfig, calib: Calibration
     layers = time_path_layers(model)
     units, plan = plan_sweep(model, config, calib, cfg, exclude=tuple(layers), log=print if progress else None)
     init_ranges(model, config, calib, cfg, progress)
-    stats: dict = {}
+    tib: TemporalBlockRecord | str = "all time-path layers are kept in full precision (keep_fp); nothing to reconstruct"
     if layers:
         install_timestep_hook(model)
         t0 = time.perf_counter()
         set_quant_state(model, weight=True, act=True)
-        stats["temporal_block"] = reconstruct_tib(model, layers, calib.timesteps.float(), cfg, config.a_bits,
-                                                  torch.Generator().manual_seed(cfg.seed + 1))
-        stats["temporal_block"]["seconds"] = time.perf_counter() - t0
-    else:
-        stats["temporal_block"] = "all time-path layers are kept in full precision (keep_fp); nothing to reconstruct"
-    stats["memory_plan"] = plan.to_dict()
-    stats["blocks"] = sweep(model, config, calib, cfg, progress, units, plan, weight_fn=weight_fn)
-    return stats
+        tib = reconstruct_tib(model, layers, calib.timesteps.float(), cfg, config.a_bits, torch.Generator().manual_seed(cfg.seed + 1))
+        tib.seconds = time.perf_counter() - t0
+    blocks = sweep(model, config, calib, cfg, progress, units, plan, weight_fn=weight_fn)
+    return CalibrationRecord(plan.to_dict(), blocks, temporal_block=tib)

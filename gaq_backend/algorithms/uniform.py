@@ -11,6 +11,7 @@ from ..calibration import CalibrationSet
 from ..config import QuantConfig
 from .reconstruction import ReconstructionConfig, WeightFn, init_ranges, plan_sweep, sweep
 from .registry import register_algorithm
+from .result import CalibrationRecord
 
 
 @dataclass
@@ -20,8 +21,8 @@ class UniformConfig(ReconstructionConfig):
 
 @register_algorithm(UniformConfig)
 def calibrate_uniform(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module | None = None, progress: bool = True,
-                      weight_fn: WeightFn | None = None) -> dict:
+                      weight_fn: WeightFn | None = None) -> CalibrationRecord:
     """``weight_fn`` (see ``sweep``) weights the units' samples; None weights them equally."""
     units, plan = plan_sweep(model, config, calib, config.algorithm, log=print if progress else None)
     init_ranges(model, config, calib, config.algorithm, progress)
-    return {"memory_plan": plan.to_dict(), "blocks": sweep(model, config, calib, config.algorithm, progress, units, plan, weight_fn=weight_fn)}
+    return CalibrationRecord(plan.to_dict(), sweep(model, config, calib, config.algorithm, progress, units, plan, weight_fn=weight_fn))

@@ -32,6 +32,16 @@ def recipe_path(algorithm: str) -> str:
     return os.path.join("recipes", f"ddpm-mnist-w4a8{suffix}.yaml")
 
 
+def _reusable_eval(folder: str, args: argparse.Namespace) -> dict | None:
+    """The folder's eval.json when it was taken with the same sample count and noise seed."""
+    path = os.path.join(folder, "eval.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        ev = json.load(f)
+    return ev if (ev["n_samples"], ev["seed"]) == (args.fid, args.fid_seed) else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algorithms", nargs="+", default=["minmax", "uniform", "temporal"])
@@ -44,7 +54,9 @@ def main() -> int:
     ap.add_argument("--fid-seed", type=int, default=0)
     ap.add_argument("--reference", help="FID reference (default: as gaq eval)")
     ap.add_argument("--reference-count", type=int, help="use only the first N reference images (default: all)")
-    ap.add_argument("--reuse", action="store_true", help="reuse an existing output folder instead of re-quantizing")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse an existing output folder instead of re-quantizing, and its eval.json when it has --fid samples")
+    ap.add_argument("--device", default="cpu", help="where calibration and sampling run (cpu, cuda)")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows, fp_eval = [], None
@@ -62,13 +74,14 @@ def main() -> int:
                     with open(os.path.join(folder, "report.json")) as f:
                         rep = json.load(f)
                 else:
-                    rep = run_recipe(recipe, folder, progress=False, log=lambda *_: None)
+                    rep = run_recipe(recipe, folder, progress=False, log=lambda *_: None, device=args.device)
                 row = dict(bits=bits, algorithm=label, seed=seed, overrides=args.set, noise_mse=rep["metrics"]["noise_mse"],
                            sample_mse_vs_fp=rep["metrics"]["sample_mse_vs_fp"], calibration_s=rep["timings"]["calibration"],
                            quantize_s=rep["timings"]["total"], report=rep)
                 if args.fid:
-                    ev = evaluate_dir(folder, args.reference or default_reference(), args.fid, args.fid_seed, progress=False,
-                                      reference_count=args.reference_count)
+                    ev = _reusable_eval(folder, args) if args.reuse else None
+                    ev = ev or evaluate_dir(folder, args.reference or default_reference(), args.fid, args.fid_seed, progress=False,
+                                            reference_count=args.reference_count, device=args.device)
                     row["eval"] = ev
                     fp_eval = fp_eval or ev
                 rows.append(row)

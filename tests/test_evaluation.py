@@ -113,3 +113,17 @@ def test_trace_term_agrees_with_scipy_sqrtm():
     # rank-deficient (fewer samples than dimensions), as at small n
     s3, s4 = np.cov(a[:20], rowvar=False), np.cov(b[:25], rowvar=False)
     assert trace_sqrt_product(s3, s4) == pytest.approx(np.trace(linalg.sqrtm(s3 @ s4).real), rel=1e-5)
+
+
+def test_line_panels_draws_every_series_in_its_colour(tmp_path):
+    from PIL import Image
+
+    from gaq_backend.utils.plots import COLORS, line_panels
+
+    path = tmp_path / "curves.png"
+    line_panels(str(path), [("a", {"uniform": [(1, 3.0), (2, 2.0)], "temporal": [(1, 2.5), (3, 1.0)]}),
+                            ("b", {"uniform": [(1, float("nan"))]})], "seconds", size=200, cols=2)
+    img = Image.open(path).convert("RGB")
+    assert img.width == 400 and img.height > 200
+    colours = set(img.getdata())
+    assert COLORS[0] in colours and COLORS[1] in colours

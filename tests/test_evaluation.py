@@ -75,7 +75,8 @@ def test_missing_feature_network_names_the_extra(monkeypatch):
         feature_network_path()
 
 
-def test_gaq_eval_end_to_end(write_recipe, tmp_path, digits):
+def _quantized_and_reference(write_recipe, tmp_path, digits):
+    """A quantized folder of the tiny test model and a 24-digit PNG reference folder."""
     from gaq_backend.cli import main
     from gaq_backend.evaluation import save_grid, to_uint8
 
@@ -85,6 +86,13 @@ def test_gaq_eval_end_to_end(write_recipe, tmp_path, digits):
     ref.mkdir()
     for i, img in enumerate(to_uint8(digits[:24])):
         save_grid(str(ref / f"{i:03d}.png"), img, scale=1)
+    return out, ref
+
+
+def test_gaq_eval_end_to_end(write_recipe, tmp_path, digits):
+    from gaq_backend.cli import main
+
+    out, ref = _quantized_and_reference(write_recipe, tmp_path, digits)
     args = ["eval", str(out), "--reference", str(ref), "--num-samples", "12", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
     assert main(args) == 0
     res = json.loads((out / "eval.json").read_text())
@@ -132,14 +140,8 @@ def test_line_panels_draws_every_series_in_its_colour(tmp_path):
 def test_sample_elsewhere_then_score_from_images(write_recipe, tmp_path, digits, capsys):
     """--sample-only + --from-images (a GPU box without the feature network, then the host) gives gaq eval's numbers."""
     from gaq_backend.cli import main
-    from gaq_backend.evaluation import save_grid, to_uint8
 
-    out = tmp_path / "q"
-    assert main(["quantize", write_recipe(), "--out", str(out), "--quiet"]) == 0
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    for i, img in enumerate(to_uint8(digits[:24])):
-        save_grid(str(ref / f"{i:03d}.png"), img, scale=1)
+    out, ref = _quantized_and_reference(write_recipe, tmp_path, digits)
     common = [str(out), "--num-samples", "12", "--quiet", "--cache-dir", str(tmp_path / "cache")]
     assert main(["eval", *common, "--reference", str(ref)]) == 0
     direct = json.loads((out / "eval.json").read_text())

@@ -156,3 +156,7 @@ def test_sample_elsewhere_then_score_from_images(write_recipe, tmp_path, digits,
     capsys.readouterr()
     assert main(["eval", str(out), "--num-samples", "8", "--quiet", "--reference", str(ref), "--from-images"]) != 0
     assert "holds 12 samples from seed 0" in capsys.readouterr().err
+    (out / "gaq-manifest.json").unlink()  # not a folder gaq wrote: nothing is written into it
+    (out / "eval.json").unlink()
+    assert main(["eval", *common, "--reference", str(ref), "--from-images"]) != 0
+    assert "not an output folder of gaq" in capsys.readouterr().err and not (out / "eval.json").exists()

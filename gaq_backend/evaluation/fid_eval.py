@@ -17,7 +17,7 @@ from ..calibration import model_fingerprint
 from ..config import SamplerConfig
 from ..sampling import ddim_sample, initial_noise
 from ..utils.cache import prepare_cache_dir, read_entry, write_entry
-from ..utils.io import add_to_output, atomic_path, write_json
+from ..utils.io import add_to_output, atomic_path, read_manifest, write_json
 from ..utils.memory import check_fits
 from .images import grid, save_grid, side_by_side, to_uint8
 from .inception import InceptionFeatures
@@ -139,6 +139,8 @@ def sample_dir(folder: str, num_samples: int, seed: int = 0, steps: int | None =
 
 def _read_images(folder: str, num_samples: int, seed: int, steps: int | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     path = os.path.join(folder, IMAGES_FILE)
+    if read_manifest(folder) is None:  # eval.json is written beside it: only into a folder gaq wrote
+        raise ValueError(f"{folder} is not an output folder of gaq (no readable gaq-manifest.json)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; write it first with gaq eval {folder} --sample-only")
     with np.load(path) as z:

@@ -162,22 +162,24 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
     sample on ``device`` (the DDIM loop and the Inception features run on the host). ``from_images``: score the
     images :func:`sample_dir` wrote instead of sampling (no model is loaded)."""
     t_start = time.perf_counter()
-    prepare_cache_dir(cache_dir, "--cache-dir")
-    net = InceptionFeatures()
-    if from_images:
+    if from_images:  # every input is checked before the feature network loads
         fp_imgs, q_imgs, about = _read_images(folder, num_samples, seed, steps)
         c, s = fp_imgs.shape[1], fp_imgs.shape[-1]
-        # FP images sampled elsewhere (another device's floats) are cached by their content
-        fp = cached_features(os.path.join(cache_dir, f"images-{content_key(fp_imgs)}-{num_samples}-f{FORMAT}.safetensors"),
-                             lambda: net(fp_imgs, progress="fp features" if progress else False))
-        q = FeatureSet(*net(q_imgs, progress="quantized features" if progress else False))
-        timings = dict(about.pop("timings"), sampled_on=about.pop("device"))
     else:
         qmodel, fp_model, sched_cfg, recipe, sampler = _load_models(folder, steps, device)
         c, s = fp_model.config.in_channels, fp_model.config.sample_size
         about = _about(recipe, num_samples, seed, sampler)
         # FP and quantized images, and two sets of pool + spatial features in float64
         check_fits(num_samples * (2 * c * s * s * 4 + 2 * (2048 + 7 * 17 * 17) * 8), f"{num_samples} samples per model", "--num-samples")
+    prepare_cache_dir(cache_dir, "--cache-dir")
+    net = InceptionFeatures()
+    if from_images:
+        # FP images sampled elsewhere (another device's floats) are cached by their content
+        fp = cached_features(os.path.join(cache_dir, f"images-{content_key(fp_imgs)}-{num_samples}-f{FORMAT}.safetensors"),
+                             lambda: net(fp_imgs, progress="fp features" if progress else False))
+        q = FeatureSet(*net(q_imgs, progress="quantized features" if progress else False))
+        timings = dict(about.pop("timings"), sampled_on=about.pop("device"))
+    else:
         fp, fp_imgs, fp_seconds = sample_features(fp_model, sched_cfg, sampler, num_samples, seed, batch, net, cache_dir, "fp", progress)
         q, q_imgs, q_seconds = sample_features(qmodel, sched_cfg, sampler, num_samples, seed, batch, net, None, "quantized", progress)
         timings = dict(sample_fp=fp_seconds, sample_quantized=q_seconds)

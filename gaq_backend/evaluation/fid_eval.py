@@ -19,7 +19,7 @@ from ..sampling import ddim_sample, initial_noise
 from ..utils.cache import prepare_cache_dir, read_entry, write_entry
 from ..utils.io import add_to_output, atomic_path, read_manifest, write_json
 from ..utils.memory import check_fits
-from .images import grid, save_grid, side_by_side, to_uint8
+from .images import from_uint8, grid, save_grid, side_by_side, to_uint8
 from .inception import InceptionFeatures
 from .metrics import frechet_distance, gaussian_stats, precision_recall
 from .reference import content_key, load_reference
@@ -145,7 +145,7 @@ def _read_images(folder: str, num_samples: int, seed: int, steps: int | None) ->
         raise FileNotFoundError(f"{path} not found; write it first with gaq eval {folder} --sample-only")
     with np.load(path) as z:
         info = json.loads(str(z["info"]))
-        fp, q = (torch.from_numpy(z[k]).permute(0, 3, 1, 2).float() / 127.5 - 1.0 for k in ("fp", "quantized"))
+        fp, q = (from_uint8(z[k]) for k in ("fp", "quantized"))
     asked = (num_samples, seed) + ((steps,) if steps else ())
     held = (info["n_samples"], info["seed"]) + ((info["sampler"]["num_inference_steps"],) if steps else ())
     if asked != held:

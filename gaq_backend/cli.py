@@ -40,9 +40,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.sample_only:
         info = sample_dir(args.dir, args.num_samples, args.seed, args.steps, args.batch_size, progress=not args.quiet,
-                          device=resolve_device(args.device))
+                          device=resolve_device(args.device), cache_dir=args.cache_dir)
         t = info["timings"]
-        print(f"{args.num_samples} FP and quantized samples in {t['sample_fp'] + t['sample_quantized']:.1f}s on {info['device']}; "
+        print(f"{args.num_samples} FP{' (cached)' if info['fp_from_cache'] else ''} and quantized samples in "
+              f"{t['sample_fp'] + t['sample_quantized']:.1f}s on {info['device']}; "
               f"wrote {os.path.join(args.dir, IMAGES_FILE)} (score it with gaq eval {args.dir} --from-images)")
         return 0
     res = evaluate_dir(args.dir, args.reference or default_reference(), args.num_samples, args.seed, args.steps, args.batch_size,
@@ -226,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     how = e.add_mutually_exclusive_group()
     how.add_argument("--sample-only", action="store_true",
-                     help="only sample both models into DIR/eval-images.npz (no feature network needed, e.g. on a GPU box)")
+                     help="only sample both models into DIR/eval-images.npz (no feature network needed, e.g. on a GPU box; "
+                          "the FP model's images are cached in --cache-dir)")
     how.add_argument("--from-images", action="store_true", help="score DIR/eval-images.npz instead of sampling")
     e.set_defaults(func=_cmd_eval)
 

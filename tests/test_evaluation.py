@@ -148,6 +148,12 @@ def test_sample_elsewhere_then_score_from_images(write_recipe, tmp_path, digits,
     (out / "eval.json").unlink()
     assert main(["eval", *common, "--sample-only"]) == 0
     assert not (out / "eval.json").exists() and "eval-images.npz" in (out / "gaq-manifest.json").read_text()
+    with np.load(out / "eval-images.npz") as z:
+        first = z["fp"]
+    assert main(["eval", *common, "--sample-only"]) == 0  # the FP model samples once per cache, not once per folder
+    with np.load(out / "eval-images.npz") as z:
+        again = json.loads(str(z["info"]))
+        assert again["fp_from_cache"] and np.array_equal(z["fp"], first)
     assert main(["eval", *common, "--reference", str(ref), "--from-images"]) == 0
     scored = json.loads((out / "eval.json").read_text())
     for part in ("fp", "quantized"):

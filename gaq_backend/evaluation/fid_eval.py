@@ -77,10 +77,7 @@ def sample_features(unet, sched_cfg: dict, sampler: SamplerConfig, n: int, seed:
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     path = None
     if cache_dir is not None:
-        device = unet.conv_in.weight.device.type  # a GPU's kernels give other floats than the CPU's
-        key = f"samples-{model_fingerprint(unet)}-{sampler.num_inference_steps}-{sampler.eta}-{n}-{seed}-f{FORMAT}" + \
-              ("" if device == "cpu" else f"-{device}")
-        path = os.path.join(cache_dir, key + ".safetensors")
+        path = os.path.join(cache_dir, f"samples-{_samples_key(unet, sampler, n, seed)}.safetensors")
         fs = FeatureSet.load(path)
         if fs is not None:
             return fs, None, 0.0
@@ -116,19 +113,37 @@ def _about(recipe, num_samples: int, seed: int, sampler: SamplerConfig) -> dict[
                 w_bits=recipe.quantization.w_bits, a_bits=recipe.quantization.a_bits)
 
 
+def _samples_key(unet, sampler: SamplerConfig, n: int, seed: int) -> str:
+    """Names FP samples in the cache: model, sampler, count, seed and (a GPU's floats differ) device type."""
+    device = unet.conv_in.weight.device.type
+    return (f"{model_fingerprint(unet)}-{sampler.num_inference_steps}-{sampler.eta}-{n}-{seed}-f{FORMAT}"
+            + ("" if device == "cpu" else f"-{device}"))
+
+
 def sample_dir(folder: str, num_samples: int, seed: int = 0, steps: int | None = None, batch: int = 250,
-               progress: bool = True, device: str | torch.device = "cpu") -> dict[str, Any]:
+               progress: bool = True, device: str | torch.device = "cpu", cache_dir: str | None = ".cache/gaq") -> dict[str, Any]:
     """Sample ``folder``'s FP and quantized models into ``eval-images.npz`` (uint8, as saved images are) for a later
-    ``evaluate_dir(..., from_images=True)``: the machine that samples (a GPU box) need not hold the feature network."""
+    ``evaluate_dir(..., from_images=True)``: the machine that samples (a GPU box) need not hold the feature network.
+    The FP images are cached in ``cache_dir`` (None: not cached), so folders quantized from one model sample it once."""
     qmodel, fp_model, sched_cfg, recipe, sampler = _load_models(folder, steps, device)
     c, s = fp_model.config.in_channels, fp_model.config.sample_size
     check_fits(num_samples * 2 * c * s * s * 4, f"{num_samples} samples per model", "--num-samples")
     noise = initial_noise(num_samples, (c, s, s), seed)
     t0 = time.perf_counter()
-    fp = to_uint8(ddim_sample(fp_model, sched_cfg, sampler, noise, batch, progress="sample fp" if progress else False, seed=seed))
+    path = None
+    if cache_dir is not None:
+        prepare_cache_dir(cache_dir, "--cache-dir")
+        path = os.path.join(cache_dir, f"fp-images-{_samples_key(fp_model, sampler, num_samples, seed)}.safetensors")
+    cached = read_entry(path) if path else None
+    if cached is not None:
+        fp = cached["images"]
+    else:
+        fp = to_uint8(ddim_sample(fp_model, sched_cfg, sampler, noise, batch, progress="sample fp" if progress else False, seed=seed))
+        if path:
+            write_entry(path, dict(images=fp))
     t1 = time.perf_counter()
     q = to_uint8(ddim_sample(qmodel, sched_cfg, sampler, noise, batch, progress="sample quantized" if progress else False, seed=seed))
-    info = dict(_about(recipe, num_samples, seed, sampler), device=str(device),
+    info = dict(_about(recipe, num_samples, seed, sampler), device=str(device), fp_from_cache=cached is not None,
                 timings=dict(sample_fp=t1 - t0, sample_quantized=time.perf_counter() - t1))
     with atomic_path(os.path.join(folder, IMAGES_FILE)) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
@@ -178,7 +193,7 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
         fp = cached_features(os.path.join(cache_dir, f"images-{content_key(fp_imgs)}-{num_samples}-f{FORMAT}.safetensors"),
                              lambda: net(fp_imgs, progress="fp features" if progress else False))
         q = FeatureSet(*net(q_imgs, progress="quantized features" if progress else False))
-        timings = dict(about.pop("timings"), sampled_on=about.pop("device"))
+        timings = dict(about.pop("timings"), sampled_on=about.pop("device"), fp_from_cache=about.pop("fp_from_cache", False))
     else:
         fp, fp_imgs, fp_seconds = sample_features(fp_model, sched_cfg, sampler, num_samples, seed, batch, net, cache_dir, "fp", progress)
         q, q_imgs, q_seconds = sample_features(qmodel, sched_cfg, sampler, num_samples, seed, batch, net, None, "quantized", progress)

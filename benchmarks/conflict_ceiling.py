@@ -45,9 +45,9 @@ def per_sample_gram(probe: UnitProbe, data, rows: torch.Tensor) -> torch.Tensor:
     grads = []
     for i in rows:
         g = torch.autograd.grad(probe.losses(th, data, i.view(1)).sum(), th)
-        grads.append(torch.cat([x.flatten() for x in g]).double())
-    gm = torch.stack(grads)
-    return gm @ gm.T
+        grads.append(torch.cat([x.flatten() for x in g]))
+    gm = torch.stack(grads)  # float32 rows; the products in float64, a slice of columns at a time
+    return sum(c.double() @ c.double().T for c in gm.split(1 << 16, dim=1))
 
 
 def conflict(log_f: torch.Tensor, K: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -61,20 +61,26 @@ def conflict(log_f: torch.Tensor, K: torch.Tensor, onehot: torch.Tensor) -> torc
     return (1 - cos[off]).mean()
 
 
-def best_conflict(K: torch.Tensor, onehot: torch.Tensor, radius: float, steps: int) -> tuple[float, float]:
-    """The lowest conflict Adam finds with |log N*w_i| <= radius, and the spread (sd) of those log-weights."""
+def best_log_weights(K: torch.Tensor, onehot: torch.Tensor, radius: float, steps: int) -> torch.Tensor:
+    """The log-weights of the lowest conflict Adam finds with |log N*w_i| <= radius."""
     u = torch.zeros(len(K), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([u], lr=0.05)
-    best, spread = math.inf, 0.0
+    best, best_log_f = math.inf, torch.zeros(len(K), dtype=torch.float64)
     for _ in range(steps):
         log_f = radius * torch.tanh(u)
         c = conflict(log_f, K, onehot)
         if c.item() < best:
-            best, spread = c.item(), log_f.detach().std().item()
+            best, best_log_f = c.item(), log_f.detach()
         opt.zero_grad()
         c.backward()
         opt.step()
-    return best, spread
+    return best_log_f
+
+
+def best_conflict(K: torch.Tensor, onehot: torch.Tensor, radius: float, steps: int) -> tuple[float, float]:
+    """The lowest conflict found with |log N*w_i| <= radius, and the spread (sd) of those log-weights."""
+    log_f = best_log_weights(K, onehot, radius, steps)
+    return float(conflict(log_f, K, onehot)), float(log_f.std())
 
 
 @dataclass
@@ -83,6 +89,7 @@ class CeilingConfig(GradientAlignedConfig):
     samples: int = 256
     radii: tuple = (0.8, 2.0, 5.0)
     steps: int = 400
+    apply: float | None = None   # reconstruct with the best weights within this radius instead of the learned ones
 
 
 class CeilingLearner(SampleWeightLearner):
@@ -113,6 +120,13 @@ class CeilingLearner(SampleWeightLearner):
                    learned_spread=float(learned.std()), groups=len(present), samples=len(sub))
         for r in cfg.radii:
             row[f"best_r{r:g}"], row[f"best_r{r:g}_spread"] = best_conflict(K, onehot, r, cfg.steps)
+        if cfg.apply is not None:
+            if len(sub) != len(train):
+                raise ValueError("--apply needs every training row in the Gram matrix: raise --samples")
+            log_f = best_log_weights(K, onehot, cfg.apply, cfg.steps)
+            row["applied"] = float(conflict(log_f, K, onehot))
+            factors = torch.zeros(len(train)).index_copy_(0, sub, log_f.exp().float())
+            factors /= factors.mean()
         row["seconds"] = time.perf_counter() - t0
         self.rows[unit.name] = row
         print(f"{unit.name}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
@@ -137,7 +151,9 @@ def main() -> None:
     from gaq_backend.api import quantize
     from gaq_backend.calibration import capture_calibration
     from gaq_backend.models.loading import load_model
+    from gaq_backend.evaluation.noise import noise_mse
     from gaq_backend.recipe import load_recipe
+    from gaq_backend.serialization import save_quantized
     from gaq_backend.utils.io import write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -146,6 +162,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256, help="training rows per unit in the Gram matrix")
     ap.add_argument("--radius", type=float, nargs="+", default=[0.8, 2.0, 5.0], help="bounds on |log N*w_i| to search within")
     ap.add_argument("--steps", type=int, default=400, help="Adam steps of the direct search")
+    ap.add_argument("--apply", type=float, metavar="R",
+                    help="our extension, an experiment: reconstruct with the conflict-minimising weights within radius R "
+                         "(with --samples at least the training rows, and usually --set settings.outer_iters=0)")
+    ap.add_argument("--out", help="with --apply: also write the quantized folder here (for gaq eval)")
     ap.add_argument("--json", help="write the per-unit rows and their means here")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe, ["settings.diagnostics=false"] + args.set)
@@ -154,14 +174,17 @@ def main() -> None:
     config = recipe.quant_config()
     ga = config.algorithm
     config.algorithm = CeilingConfig(**{f.name: getattr(ga, f.name) for f in fields(ga)},
-                                     samples=args.samples, radii=tuple(args.radius), steps=args.steps)
+                                     samples=args.samples, radii=tuple(args.radius), steps=args.steps, apply=args.apply)
     t0 = time.perf_counter()
     quantize(loaded.unet, config, calib, progress=False)
+    seconds = time.perf_counter() - t0
     rows = LEARNERS[0].rows
     keys = [k for k in next(iter(rows.values())) if k not in ("groups", "samples")]
     means = {k: sum(r[k] for r in rows.values()) / len(rows) for k in keys}
     label = f"W{config.w_bits}A{config.a_bits}, {calib.n_groups} groups, base {ga.base}, seed {ga.seed}, {args.samples} rows per unit"
-    print(f"\n{label}; {len(rows)} units; {time.perf_counter() - t0:.0f} s")
+    mse, _ = noise_mse(loaded.unet, calib.val, 256)
+    print(f"\n{label}; {len(rows)} units; calibration {seconds:.0f} s; noise_mse {mse:.4e}"
+          + (f"; reconstructed with the best weights within {args.apply:g} (conflict {means['applied']:.4f})" if args.apply else ""))
     radii = [f"best_r{r:g}" for r in args.radius]
     print("| conflict (mean over units) | uniform | gradient_aligned | " + " | ".join(f"best, |log N*w| <= {r:g}" for r in args.radius) + " |")
     print("|---|---|---|" + "---|" * len(radii))
@@ -169,7 +192,10 @@ def main() -> None:
     print("| sd of log N*w | 0 | " + f"{means['learned_spread']:.3f} | " + " | ".join(f"{means[k + '_spread']:.3f}" for k in radii) + " |")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        write_json(args.json, dict(label=label, overrides=args.set, units=rows, means=means))
+        write_json(args.json, dict(label=label, overrides=args.set, apply=args.apply, seconds=seconds, noise_mse=mse,
+                                   units=rows, means=means))
+    if args.out:
+        save_quantized(loaded.unet, args.out, loaded.scheduler_config, recipe)
 
 
 if __name__ == "__main__":

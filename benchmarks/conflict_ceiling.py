@@ -33,10 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from gaq_backend.algorithms.gradient_aligned import (GradientAlignedConfig, SampleWeightLearner, UnitProbe,  # noqa: E402
-                                                     validation_groups)
+                                                     calibrate_with_weights, validation_groups)
 from gaq_backend.algorithms.registry import register_algorithm  # noqa: E402
-from gaq_backend.algorithms.temporal import calibrate_temporal  # noqa: E402
-from gaq_backend.algorithms.uniform import calibrate_uniform  # noqa: E402
 
 
 def per_sample_gram(probe: UnitProbe, data, rows: torch.Tensor) -> torch.Tensor:
@@ -77,12 +75,6 @@ def best_log_weights(K: torch.Tensor, onehot: torch.Tensor, radius: float, steps
     return best_log_f
 
 
-def best_conflict(K: torch.Tensor, onehot: torch.Tensor, radius: float, steps: int) -> tuple[float, float]:
-    """The lowest conflict found with |log N*w_i| <= radius, and the spread (sd) of those log-weights."""
-    log_f = best_log_weights(K, onehot, radius, steps)
-    return float(conflict(log_f, K, onehot)), float(log_f.std())
-
-
 @dataclass
 class CeilingConfig(GradientAlignedConfig):
     name: ClassVar[str] = "gradient_aligned_conflict_ceiling"   # benchmark only: registered by this script
@@ -118,12 +110,13 @@ class CeilingLearner(SampleWeightLearner):
         learned = factors[sub].double().log()
         row = dict(uniform=float(conflict(zero, K, onehot)), learned=float(conflict(learned, K, onehot)),
                    learned_spread=float(learned.std()), groups=len(present), samples=len(sub))
+        if cfg.apply is not None and len(sub) != len(train):
+            raise ValueError("--apply needs every training row in the Gram matrix: raise --samples")
+        best = {r: best_log_weights(K, onehot, r, cfg.steps) for r in {*cfg.radii, *([cfg.apply] if cfg.apply is not None else [])}}
         for r in cfg.radii:
-            row[f"best_r{r:g}"], row[f"best_r{r:g}_spread"] = best_conflict(K, onehot, r, cfg.steps)
+            row[f"best_r{r:g}"], row[f"best_r{r:g}_spread"] = float(conflict(best[r], K, onehot)), float(best[r].std())
         if cfg.apply is not None:
-            if len(sub) != len(train):
-                raise ValueError("--apply needs every training row in the Gram matrix: raise --samples")
-            log_f = best_log_weights(K, onehot, cfg.apply, cfg.steps)
+            log_f = best[cfg.apply]
             row["applied"] = float(conflict(log_f, K, onehot))
             factors = torch.zeros(len(train)).index_copy_(0, sub, log_f.exp().float())
             factors /= factors.mean()
@@ -141,10 +134,7 @@ def calibrate_ceiling(model, config, calib, fp_model=None, progress=True):
     validation_groups(calib.group, calib.is_val)
     learner = CeilingLearner(config.algorithm, calib.group, calib.t)
     LEARNERS.append(learner)
-    base = calibrate_temporal if config.algorithm.base == "temporal" else calibrate_uniform
-    record = base(model, config, calib, fp_model, progress, weight_fn=learner)
-    record.sample_weights = learner.result
-    return record
+    return calibrate_with_weights(model, config, calib, fp_model, progress, learner)
 
 
 def main() -> None:

@@ -284,13 +284,18 @@ class SampleWeightLearner:
         return weights.factors
 
 
-@register_algorithm(GradientAlignedConfig)
-def calibrate_gradient_aligned(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module | None = None,
-                               progress: bool = True) -> CalibrationRecord:
-    cfg: GradientAlignedConfig = config.algorithm
-    validation_groups(calib.group, calib.is_val)  # fail before any caching, not at the first block
-    learner = SampleWeightLearner(cfg, calib.group, calib.t)
-    base = calibrate_temporal if cfg.base == "temporal" else calibrate_uniform
+def calibrate_with_weights(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module | None,
+                           progress: bool, learner: SampleWeightLearner) -> CalibrationRecord:
+    """The ``base`` reconstruction with each unit's samples weighted by ``learner`` (gradient_aligned's, or a variant's)."""
+    base = calibrate_temporal if config.algorithm.base == "temporal" else calibrate_uniform
     record = base(model, config, calib, fp_model, progress, weight_fn=learner)
     record.sample_weights = learner.result
     return record
+
+
+@register_algorithm(GradientAlignedConfig)
+def calibrate_gradient_aligned(model: nn.Module, config: QuantConfig, calib: CalibrationSet, fp_model: nn.Module | None = None,
+                               progress: bool = True) -> CalibrationRecord:
+    validation_groups(calib.group, calib.is_val)  # fail before any caching, not at the first block
+    return calibrate_with_weights(model, config, calib, fp_model, progress,
+                                  SampleWeightLearner(config.algorithm, calib.group, calib.t))

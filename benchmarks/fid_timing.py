@@ -9,10 +9,11 @@ t0 = time.perf_counter()
 from gaq_backend.pipeline import load_model_and_scheduler
 from gaq_backend.config import SamplerConfig
 from gaq_backend.evaluation.inception import InceptionFeatures
-from gaq_backend.evaluation.fid_eval import sample_features, reference_features, compare
+from gaq_backend.evaluation.fid_eval import sample_features, reference_features, reference_images, compare
 unet, sched = load_model_and_scheduler("embedded")
 net = InceptionFeatures()
-ref, info = reference_features("../shared/data/mnist/t10k-images-idx3-ubyte.gz", 32, 1, 2000, ".cache/gaq", net, False)
+REF = "../shared/data/mnist/t10k-images-idx3-ubyte.gz"
+ref, info = reference_features(REF, *reference_images(REF, 32, 1, 2000), ".cache/gaq", net, False)
 t1 = time.perf_counter()
 fs, imgs, s_sample = sample_features(unet, sched, SamplerConfig(num_inference_steps=50), 2000, 0, 250, net, None, "fp", False)
 m = compare(fs, ref)

@@ -1,12 +1,14 @@
-"""The long fuzz corpus of issue 12: mutated recipes and CLI arguments against the reliability contract.
+"""The long fuzz corpus: mutated recipes, and every subcommand against broken inputs and unwritable outputs.
 
-    python benchmarks/fuzz_cli.py --recipes 500 --cli 150 --seed 0 --json runs/fuzz.json
+    python benchmarks/fuzz_cli.py --recipes 500 --cli 60 --seed 0 --json runs/fuzz.json
 
-Same harness as tests/test_reliability.py (tests/fuzz.py), on a tiny random UNet2DModel built here, with
-more cases and a chosen seed. A case passes if it exits 0 with a complete output (or, for the
-``--dry-run`` recipe cases, writes nothing), or exits non-zero with at most three lines on stderr and no
-traceback, and leaves the sentinel folder, the model and the bad inputs unchanged. Prints the counts and
-every failure; exit 1 if any case failed.
+Same harness as tests/test_reliability.py (tests/fuzz.py, broken files from tests/fuzz_inputs.py), on a tiny
+random UNet2DModel built here, with more cases, a chosen seed, and the slow valid cases the suite leaves out
+(real benchmarks and FID scoring). ``--cli N`` is per subcommand (export, sample, eval, bench, train). A case
+passes if it exits 0 with a complete output (or, for the ``--dry-run`` recipe cases, writes nothing), or exits 2
+with exactly one line on stderr and no traceback; leaves the sentinel folder, the model and the broken inputs
+unchanged; runs no pickle payload; and leaves no temporary. As root it also mounts a full and a read-only tmpfs
+to write into. Prints the counts and every failure; exit 1 if any case failed.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import yaml  # noqa: E402
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 
 import fuzz  # noqa: E402
+import fuzz_inputs  # noqa: E402
 from conftest import make_tiny_model_dir, tiny_recipe  # noqa: E402
 from gaq_backend.cli import main as gaq  # noqa: E402
 
@@ -39,12 +42,14 @@ def run(n_recipes: int, n_cli: int, seed_value: int, real_runs: int) -> dict:
     root = os.path.join(work, "fuzz")
     os.makedirs(root)
     env = fuzz.Env.create(root, model)
-    fuzz.make_bad_folders(env, quantized)
     onnx_path = os.path.join(work, "tiny.onnx")
     assert gaq(["export", quantized, "--out", onnx_path, "--check-samples", "4", "--quiet"]) == 0
+    inputs = fuzz_inputs.make_inputs(env.root, quantized, onnx_path)
+    optimum = fuzz_inputs.make_optimum_dirs(env.root, quantized)
     opts = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
     budget = [real_runs]
-    pools = fuzz.cli_pools(env, quantized, onnx_path)
+    not_mounted = fuzz.mount_faulty_folders(env)
+    pools = fuzz.cli_pools(env, inputs, optimum, slow=True)
     t0 = time.perf_counter()
 
     @seed(seed_value)
@@ -53,24 +58,22 @@ def run(n_recipes: int, n_cli: int, seed_value: int, real_runs: int) -> dict:
     def recipes(case):
         fuzz.check_recipe_case(env, case, budget)
 
-    @seed(seed_value)
-    @settings(opts, max_examples=n_cli)
-    @given(case=fuzz.cli_cases(pools))
-    def cli(case):
-        fuzz.check_cli_case(env, case, pools)
-
     recipes()
     n_recipe_cases = env.n_cases
-    cli()
-    return dict(seed=seed_value, recipe_examples=n_recipes, cli_examples=n_cli, cases=env.n_cases, recipe_cases=n_recipe_cases,
+    try:
+        fuzz.fuzz_every_subcommand(env, pools, n_cli, opts, seed_value)
+    finally:
+        fuzz.unmount_faulty_folders(env)
+    return dict(seed=seed_value, recipe_examples=n_recipes, cli_examples_per_command=n_cli, cases=env.n_cases, recipe_cases=n_recipe_cases,
                 cli_cases=env.n_cases - n_recipe_cases, exit_0=env.n_ok, complete_outputs_checked=env.n_complete,
-                rejected=env.n_rejected, failures=env.failures, seconds=round(time.perf_counter() - t0, 1))
+                rejected=env.n_rejected, failures=env.failures, per_command=env.per_command, not_mounted=not_mounted,
+                seconds=round(time.perf_counter() - t0, 1))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipes", type=int, default=500)
-    p.add_argument("--cli", type=int, default=150)
+    p.add_argument("--cli", type=int, default=60, help="cases per subcommand")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real-runs", type=int, default=20, help="dry-run-valid cheap recipes also run for real")
     p.add_argument("--json")
@@ -79,6 +82,10 @@ def main() -> int:
     print(f"{res['cases']} cases ({res['recipe_cases']} recipe, {res['cli_cases']} CLI): {res['exit_0']} exit 0 "
           f"({res['complete_outputs_checked']} complete outputs checked), {res['rejected']} rejected, "
           f"{len(res['failures'])} failures, {res['seconds']} s")
+    for cmd, c in sorted(res["per_command"].items()):
+        print(f"  {cmd:8s} {c['cases']:4d} cases, {c['exit_0']:4d} exit 0, {c['rejected']:4d} rejected, {c['failures']} failures, {c['seconds']} s")
+    if res["not_mounted"]:
+        print(f"  not mounted (not root?): {res['not_mounted']}")
     for f in res["failures"]:
         print(json.dumps(f))
     if a.json:

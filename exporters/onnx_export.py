@@ -23,7 +23,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from gaq_backend.utils.io import check_output_file, clean_stale_tmp, tmp_prefix, umask_mode, write_json
+from gaq_backend.utils.io import check_output_file, clean_stale_tmp, tmp_prefix, umask_mode, write_faults_as_errors, write_json
 
 from .qdq_forms import export_forms
 from .signature import COND_INPUTS, OUTPUT_NAME, UNetGraph, cond_inputs, dynamic_axes, example_inputs
@@ -188,8 +188,9 @@ def save_model_atomic(model: onnx.ModelProto, out: str, external_data: bool | No
     tmp = tempfile.mkdtemp(prefix=tmp_prefix(os.path.basename(out)), dir=parent)
     name, data_name = os.path.basename(out), os.path.basename(out) + ".data"
     try:
-        onnx.save_model(model, os.path.join(tmp, name), save_as_external_data=external_data,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        with write_faults_as_errors(out):
+            onnx.save_model(model, os.path.join(tmp, name), save_as_external_data=external_data,
+                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
         result = check(os.path.join(tmp, name)) if check else None
         for f in os.listdir(tmp):
             os.chmod(os.path.join(tmp, f), umask_mode(0o666))  # onnx writes external data as 0600

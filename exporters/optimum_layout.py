@@ -12,7 +12,8 @@ import os
 import shutil
 import tempfile
 
-from gaq_backend.utils.io import MANIFEST, OutputError, read_json_object, read_manifest, tmp_prefix, write_json
+from gaq_backend.utils.inputs import InputError, check_input, read_json_object
+from gaq_backend.utils.io import MANIFEST, OutputError, read_manifest, tmp_prefix, write_faults_as_errors, write_json
 
 KIND = "optimum-pipeline"
 # the keys that make a UNet the pipeline's: the quantized one must agree with Optimum's unet/config.json
@@ -26,11 +27,20 @@ def _files(root: str) -> set[str]:
 
 
 def check_optimum_dir(path: str) -> str:
-    path = os.path.abspath(path)
+    """The source must be an Optimum pipeline folder whose JSON files all parse: a broken one would be copied into
+    a complete-looking folder that Optimum cannot load."""
+    path = check_input(path, "--optimum-from", "folder")
     for need in ("model_index.json", os.path.join("unet", "model.onnx"), os.path.join("unet", "config.json")):
         if not os.path.isfile(os.path.join(path, need)):
             raise OutputError(f"--optimum-from {path}: no {need}; expected a folder written by "
                               "optimum-cli export onnx --task text-to-image")
+    for name in sorted(f for f in _files(path) if f.endswith(".json")):
+        read_json_object(os.path.join(path, name))
+    index = read_json_object(os.path.join(path, "model_index.json"))
+    unet = index.get("unet")
+    if not isinstance(index.get("_class_name"), str) or not (isinstance(unet, list) and len(unet) == 2):
+        raise InputError(f"--optimum-from {path}: model_index.json has no pipeline _class_name or no [library, class] "
+                         "entry for unet; expected the index optimum-cli export onnx writes")
     return path
 
 
@@ -75,7 +85,8 @@ def export_into_optimum(quantized: str, optimum_dir: str, out: str, progress: bo
     try:
         built = os.path.join(tmp, "pipeline")
         # Optimum's FP UNet (model.onnx and its external weights) is the one part not copied
-        shutil.copytree(source, built, ignore=lambda d, names: names if os.path.samefile(d, os.path.join(source, "unet")) else [])
+        with write_faults_as_errors(target):
+            shutil.copytree(source, built, ignore=lambda d, names: names if os.path.samefile(d, os.path.join(source, "unet")) else [])
         result = export_quantized(quantized, os.path.join(built, "unet", "model.onnx"), progress=progress, **export_options)
         files = sorted(_files(built))
         write_json(os.path.join(built, MANIFEST), dict(kind=KIND, complete=True, files=files, source=source))

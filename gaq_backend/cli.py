@@ -8,10 +8,11 @@ import sys
 
 from .config import INT_MAX, SEED_MAX, ConfigError
 from .utils.errors import one_line
-from .utils.io import OutputError
+from .utils.inputs import InputError, check_input
+from .utils.io import OutputError, check_distinct
 
 # errors that describe bad input in words meant for the user (plain ValueErrors are gaq's own input checks too)
-INPUT_ERRORS = (ConfigError, OutputError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+INPUT_ERRORS = (ConfigError, InputError, OutputError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -38,6 +39,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation.reference import default_reference
     from .pipeline import resolve_device
 
+    check_input(args.dir, "DIR", "folder")
     if args.sample_only:
         info = sample_dir(args.dir, args.num_samples, args.seed, args.steps, args.batch_size, progress=not args.quiet,
                           device=resolve_device(args.device), cache_dir=args.cache_dir)
@@ -62,6 +64,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from exporters.onnx_export import export_quantized
 
+    check_input(args.dir, "DIR", "folder")
     if args.optimum_from:
         from exporters.optimum_layout import export_into_optimum
 
@@ -92,9 +95,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from .evaluation.images import grid, is_gaq_png, save_grid, to_uint8
     from .utils.io import atomic_path, check_output_file
 
+    check_input(args.onnx, "--onnx", "file")
     check_output_file(args.out, args.overwrite, is_gaq_png)
     if args.npy:
         check_output_file(args.npy, args.overwrite, flag="--npy")
+    check_distinct({"--out": args.out, "--npy": args.npy}, {"--onnx": args.onnx, "--noise": args.noise})
     noise = _load_noise(args.noise) if args.noise else None
     imgs = sample(args.onnx, args.num_samples, args.seed, args.steps, args.eta, noise, args.batch_size, args.provider,
                   progress=not args.quiet, runtime=args.runtime, precision=args.precision)
@@ -113,9 +118,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from .utils.io import check_output_file
 
+    for d in args.dirs:
+        check_input(d, "DIRS", "folder")
     check_output_file(args.json, args.overwrite, flag="--json")
     if args.markdown:
         check_output_file(args.markdown, args.overwrite, flag="--markdown")
+    check_distinct({"--json": args.json, "--markdown": args.markdown}, {f"DIRS {d}": d for d in args.dirs})
     config = {}
     for item in args.ort_option:
         key, sep, value = item.partition("=")
@@ -142,10 +150,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _load_noise(path: str):
     import numpy as np
 
-    try:
+    from .utils.inputs import reading
+
+    check_input(path, "--noise", "file")
+    with reading(path, ".npy file of noise (N, C, H, W)"):
         noise = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"--noise {path}: not a readable .npy file ({one_line(e, 120)})") from None
+        if not isinstance(noise, np.ndarray):
+            raise ValueError("an .npz archive, not one .npy array")
     if noise.ndim != 4 or not np.issubdtype(noise.dtype, np.floating) or not np.isfinite(noise).all():
         raise ValueError(f"--noise {path}: expected finite float noise of shape (N, C, H, W); got {noise.dtype} {noise.shape}")
     return noise

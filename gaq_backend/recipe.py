@@ -16,6 +16,7 @@ from .algorithms import available_algorithms, get_algorithm
 from .config import (SEED, AlgorithmConfig, CalibrationConfig, ConfigError, GaqBaseConfig, QuantConfig, SamplerConfig,
                      at_least, from_dict)
 from .utils.errors import one_line
+from .utils.inputs import check_input
 
 
 @dataclass
@@ -167,8 +168,7 @@ def recipe_from_dict(data: Any) -> Recipe:
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"recipe not found: {path}")
+    check_input(path, "recipe", "file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()

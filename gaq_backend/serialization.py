@@ -19,8 +19,9 @@ from torch import nn
 
 from .config import QuantConfig
 from .sampling import model_dtype
-from .utils.errors import one_line
-from .utils.io import read_json_object, read_manifest
+from .utils.errors import library_logs_as_warnings, one_line
+from .utils.inputs import check_input, read_json_object
+from .utils.io import read_manifest
 from .wrapping import quant_layers
 
 WEIGHTS_FILE = "quantized_unet.safetensors"
@@ -140,8 +141,7 @@ def read_output_configs(folder: str) -> tuple[dict, "object"]:
     """(scheduler config, recipe) of a folder written by ``gaq quantize``, without building the model."""
     from .recipe import load_recipe
 
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder} is not a folder (expected the output folder of gaq quantize)")
+    check_input(folder, "the quantized folder", "folder")
     manifest = read_manifest(folder)
     if manifest is not None and (manifest["kind"] != "quantized" or not manifest.get("complete", False)):
         what = f"a gaq {manifest['kind']} output" if manifest["kind"] != "quantized" else "incomplete (a run writing it was interrupted)"
@@ -184,7 +184,7 @@ def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
         raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: UNet class {cls_name!r} is not one gaq loads ({', '.join(UNET_CLASSES)})")
     unet_cfg = {k: v for k, v in raw_cfg.items() if not k.startswith("_")}
     try:
-        with torch.device("cpu"):  # reloads build on the host; the caller moves the model where it computes
+        with torch.device("cpu"), library_logs_as_warnings():  # reloads build on the host; the caller moves the model
             model = getattr(diffusers, cls_name).from_config(unet_cfg)
     except Exception as e:  # diffusers raises TypeError / ValueError / KeyError for a config it cannot build
         raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: not a {cls_name} config ({one_line(e, 160)})") from None

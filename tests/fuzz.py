@@ -1,11 +1,12 @@
-"""Property-based fuzzing of recipes and CLI arguments (shared by tests/test_reliability.py and
-benchmarks/fuzz_cli.py).
+"""Property-based fuzzing of recipes and of every subcommand's arguments and input files (shared by
+tests/test_reliability.py and benchmarks/fuzz_cli.py; the broken files come from tests/fuzz_inputs.py).
 
 Every case runs ``gaq`` in-process and must end in one of two ways: exit 0 with a complete output (or,
-for a dry run, no output), or a non-zero exit with at most three lines on stderr and no traceback.
-Nothing outside the requested output may change: a sentinel folder in the working directory (which
-the mutated ``--out`` values aim at) is snapshotted around every case. Exit 1 (gaq's "internal error")
-counts as a failure: it means a bad input reached code that did not expect it.
+for a dry run, no output), or exit 2 with exactly one line on stderr and no traceback. Exit 1 (gaq's
+"internal error") counts as a failure: it means a bad input reached code that did not expect it.
+Around every case: nothing outside the requested output changes (a sentinel folder of user files named
+like gaq's, the model and the broken inputs are hashed), no pickle payload ran (it would create
+``PWNED``), and no ``.tmp-gaq-`` temporary is left anywhere.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import io
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 
 import yaml
@@ -49,6 +51,8 @@ class Env:
     n_complete: int = 0
     n_rejected: int = 0
     failures: list = field(default_factory=list)
+    mounted: list = field(default_factory=list)
+    per_command: dict = field(default_factory=dict)
 
     @classmethod
     def create(cls, root: str, model_dir: str) -> "Env":
@@ -59,12 +63,7 @@ class Env:
                            ("samples.png", "not a png\n"), ("model.onnx", "user onnx\n")):
             with open(os.path.join(sentinel, name), "w") as f:
                 f.write(text)
-        bad = os.path.join(root, "bad")
-        os.makedirs(bad, exist_ok=True)
-        with open(os.path.join(bad, "garbage.onnx"), "wb") as f:
-            f.write(b"\x08\x07garbage" * 50)
-        with open(os.path.join(bad, "noise.npy"), "wb") as f:
-            f.write(b"not numpy")
+        os.makedirs(os.path.join(root, "bad"), exist_ok=True)
         return env
 
     # -- base recipe ----------------------------------------------------------------------------
@@ -93,9 +92,16 @@ class Env:
                     snap[os.path.join(base, d)] = "dir"
                 for f in files:
                     p = os.path.join(base, f)
+                    if os.path.islink(p):
+                        snap[p] = "link:" + os.readlink(p)
+                        continue
                     with open(p, "rb") as fh:
                         snap[p] = hashlib.sha256(fh.read()).hexdigest()
         return snap
+
+    def leftovers(self) -> list[str]:
+        """Temporaries a finished case left anywhere under the root (a run must remove its own)."""
+        return [os.path.join(b, n) for b, ds, fs in os.walk(self.root) for n in ds + fs if n.startswith(".tmp-gaq-")]
 
     def run(self, argv: list[str], label: str, out: str | None = None, dry_run: bool = False,
             complete_files: tuple[str, ...] = ()) -> int:
@@ -106,7 +112,7 @@ class Env:
         target = os.path.abspath(os.path.join(self.root, out)) if out else None
         existed = target is not None and os.path.lexists(target)
         err = io.StringIO()
-        cwd = os.getcwd()
+        cwd, t0 = os.getcwd(), time.perf_counter()
         os.chdir(self.root)
         try:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -141,6 +147,21 @@ class Env:
             problems.append(f"exit {rc}")
         if "Traceback" in text:
             problems.append("traceback")
+        from fuzz_inputs import PAYLOAD_MARKER
+
+        if os.path.exists(os.path.join(self.root, PAYLOAD_MARKER)):
+            problems.append("a pickle payload ran")
+            os.remove(os.path.join(self.root, PAYLOAD_MARKER))
+        left = self.leftovers()
+        if left:
+            problems.append(f"left temporaries: {left[:2]}")
+            for p in left:
+                shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+        stats = self.per_command.setdefault(argv[0], dict(cases=0, exit_0=0, rejected=0, failures=0, seconds=0.0))
+        stats["cases"] += 1
+        stats["seconds"] = round(stats["seconds"] + time.perf_counter() - t0, 1)
+        stats["exit_0" if rc == 0 else "rejected" if rc in (2, 130) else "failures"] += 1
+        stats["failures"] += bool(problems) and rc in (0, 2, 130)
         after = self.snapshot()
         changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k) and not self._allowed(k, allowed, before))
         if changed:
@@ -158,17 +179,19 @@ class Env:
         if not out:
             return set()
         target = os.path.abspath(os.path.join(self.root, out))
-        allowed = {p for p in (target, target + ".data") if overwrite or p not in before}
+        # an output's companions: an ONNX file's external data, gaq train's checkpoint OUT.ckpt
+        companions = {p for p in (target + ".data", target + ".ckpt") if overwrite or p not in before}
         if os.path.basename(target) == "model.onnx":  # Optimum's layout: a new config.json beside it, never a replaced one
-            allowed |= {p for p in [os.path.join(os.path.dirname(target), "config.json")] if p not in before}
+            companions |= {p for p in [os.path.join(os.path.dirname(target), "config.json")] if p not in before}
         manifest = os.path.join(target, "gaq-manifest.json")
         if os.path.isdir(target):
             allowed = {manifest}
             if os.path.isfile(manifest):
                 with open(manifest) as f:
                     allowed |= {os.path.join(target, name) for name in json.load(f)["files"]}
-            allowed |= {"NEW:" + target}
-        return allowed
+        else:
+            allowed = {target} if overwrite or target not in before else set()
+        return allowed | companions | {"NEW:" + target}  # and anything new inside the output folder
 
     @staticmethod
     def _allowed(path: str, allowed: set[str], before: dict[str, str]) -> bool:
@@ -271,37 +294,93 @@ def _cheap(recipe: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
-# CLI argument mutations (the subcommands that do not take a recipe)
+# CLI cases: every subcommand against the broken inputs of tests/fuzz_inputs.py and outputs that cannot be written
 
-def cli_pools(env: Env, quantized: str, onnx_path: str) -> dict[str, dict[str, list]]:
-    r, bad = env.root, os.path.join(env.root, "bad")
-    dirs = [quantized, os.path.join(bad, "truncated"), os.path.join(bad, "mismatch"), os.path.join(bad, "missing"),
-            os.path.join(r, "sentinel"), os.path.join(r, "sentinel", "data.txt"), bad]
-    outs = [os.path.join(r, "out", "x.onnx"), os.path.join(r, "sentinel", "model.onnx"), os.path.join(r, "sentinel"),
-            os.path.join(r, "sentinel", "data.txt", "x.onnx"), ""]
-    ints = ["0", "-1", "1", "2", "x", "1.5", "nan", str(2**64), "99999999999999999999"]
+def mount_faulty_folders(env: Env) -> dict[str, str]:
+    """``full/`` (a tmpfs filled to the last byte) and ``read-only/`` (a read-only tmpfs), where the platform lets
+    this process mount (root); returns the reasons for those it could not make. ``unmount_faulty_folders`` undoes it."""
+    import subprocess
+
+    skipped = {}
+    for name, opts in (("full", "size=64k"), ("read-only", "ro,size=64k")):
+        path = os.path.join(env.root, name)
+        os.makedirs(path, exist_ok=True)
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", path], capture_output=True, text=True)
+        if proc.returncode != 0:
+            skipped[name] = proc.stderr.strip()[:100] or f"mount exited {proc.returncode}"
+            continue
+        env.mounted.append(path)
+        if name == "full":
+            with contextlib.suppress(OSError), open(os.path.join(path, "filler"), "wb") as f:
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+    return skipped
+
+
+def unmount_faulty_folders(env: Env) -> None:
+    import subprocess
+
+    for path in env.mounted:
+        subprocess.run(["umount", path], capture_output=True)
+    env.mounted.clear()
+
+
+def bad_parents(env: Env) -> list[str]:
+    """Folders under which no output can ever be created: a dangling link, a link loop, and the faulty mounts."""
+    r = env.root
+    if not os.path.lexists(os.path.join(r, "dangling-parent")):
+        os.symlink(os.path.join(r, "nowhere"), os.path.join(r, "dangling-parent"))
+        os.symlink(os.path.join(r, "loop-b"), os.path.join(r, "loop-a"))
+        os.symlink(os.path.join(r, "loop-a"), os.path.join(r, "loop-b"))
+    return [os.path.join(r, "dangling-parent"), os.path.join(r, "loop-a")] + env.mounted
+
+
+def cli_pools(env: Env, inputs: dict[str, list[str]], optimum: list[str], slow: bool = True) -> dict[str, dict[str, list]]:
+    """``slow=False`` (the suite): ``bench`` never gets a valid folder and ``eval`` never a valid reference, so neither
+    benchmarks nor scores (10-20 s a case: the feature network, 2048-d FIDs); ``eval --sample-only`` still runs for
+    real. The corpus in benchmarks/fuzz_cli.py runs every case."""
+    r = env.root
+    weird = [os.path.join(r, "sentinel"), os.path.join(r, "sentinel", "data.txt"), os.path.join(r, "missing"), ""]
+    dirs = inputs["quantized"] + weird
+    fast = lambda paths: paths if slow else [p for p in paths if p not in inputs["valid"]]  # noqa: E731
+    bench_dirs, references = fast(dirs), fast(inputs["reference"])
+
+    def outs(name: str) -> list[str]:
+        """A new output, the user's file of that name, the user's folder, a path below a file, an empty name, a name
+        too long for the filesystem, and the same name under every folder where nothing can be created."""
+        return [os.path.join(r, "out", name), os.path.join(r, "sentinel", name), os.path.join(r, "sentinel"),
+                os.path.join(r, "sentinel", "data.txt", name), "", os.path.join(r, "out", "n" * 256 + name),
+                *(os.path.join(p, name) for p in bad_parents(env))]
+    ints = ["0", "-1", "x", "1.5", "nan", str(2**64)]
+    noise = inputs["noise"]
     return {
-        "export": {"dir": dirs, "--out": outs, "--weights": ["int8", "int4", "int2"], "--opset": ["13", "21", "12", "x", "-1"],
-                   "--check-samples": ["8", "0", "-3", "x"]},
-        "sample": {"--onnx": [onnx_path, os.path.join(bad, "garbage.onnx"), os.path.join(r, "missing.onnx"), os.path.join(r, "sentinel")],
-                   "--out": [os.path.join(r, "out", "s.png"), os.path.join(r, "sentinel", "samples.png"), os.path.join(r, "sentinel"),
-                             os.path.join(r, "sentinel", "data.txt", "s.png")],
-                   "--num-samples": ["1", "2"] + ints, "--steps": ["2"] + ints, "--eta": ["0", "1", "nan", "inf", "-0.5", "2", "x"],
-                   "--seed": ["0", "-1", str(2**32), str(2**64), "x"], "--batch-size": ["1", "0", "-1"],
-                   "--noise": [os.path.join(bad, "noise.npy"), os.path.join(r, "missing.npy")]},
-        "eval": {"dir": dirs[1:], "--num-samples": ["4", "3", "0", "x", str(10**12)], "--steps": ["0", "2", "x"],
-                 "--seed": ["0", "-1", str(2**40)], "--cache-dir": [os.path.join(r, "sentinel", "data.txt"), "", os.path.join(r, "cache")]},
-        "bench": {"dirs": dirs[1:], "--json": [os.path.join(r, "sentinel", "report.json"), os.path.join(r, "out", "b.json")],
-                  "--batch": ["0", "1", "x"], "--repeats": ["1", "3", "x"], "--threads": ["-1", "1"]},
-        "train": {"--out": [os.path.join(r, "sentinel"), r, ".", os.path.join(r, "sentinel", "data.txt"), ""],
-                  "--steps": ["0", "-1", "x"], "--lr": ["nan", "inf", "0", "-1"], "--seed": ["-1", str(2**64)],
-                  "--batch-size": ["0", "x"]},
+        "export": {"dir": dirs, "--out": outs("model.onnx") + outs("x.onnx"), "--optimum-from": [""] * 3 + optimum,
+                   "--weights": ["int8", "int4", "int2"], "--opset": ["21", "13", "12", "x", "-1"], "--check-samples": ["4", "0", "-3", "x"]},
+        "sample": {"--onnx": inputs["onnx"] + weird, "--out": outs("samples.png"), "--npy": [""] * 3 + outs("s.npy") + [noise[0]],
+                   "--noise": [""] * 3 + noise, "--num-samples": ["2", "1"] + ints, "--steps": ["2"] + ints,
+                   "--eta": ["0", "1", "nan", "inf", "-0.5", "2", "x"], "--seed": ["0", "-1", str(2**32), str(2**64), "x"],
+                   "--batch-size": ["2", "0", "-1"]},
+        "eval": {"dir": dirs + inputs["images"], "mode": ["", "--sample-only", "--from-images"], "--num-samples": ["4", "3", "0", "x", str(10**12)],
+                 "--steps": ["2", "0", "x"], "--seed": ["0", "-1", str(2**40)], "--reference": references + weird,
+                 "--reference-count": ["4", "1", "x"],
+                 "--cache-dir": [os.path.join(r, "cache"), os.path.join(r, "sentinel", "data.txt"), "", *bad_parents(env)]},
+        "bench": {"dirs": bench_dirs, "--json": outs("report.json"), "--markdown": [""] * 3 + outs("b.md") + [os.path.join(r, "out", "report.json")],
+                  "--batch": ["1", "0", "x"], "--repeats": ["3", "1", "x"], "--threads": ["1", "-1"],
+                  "--work-dir": [os.path.join(r, "cache", "bench"), os.path.join(r, "sentinel", "data.txt"), *bad_parents(env)]},
+        "train": {"--out": outs("m"), "checkpoint": inputs["ckpt"], "--steps": ["1", "0", "-1", "x"], "--lr": ["2e-4", "nan", "inf", "0", "-1"],
+                  "--seed": ["0", "-1", str(2**64)], "--batch-size": ["4", "0", "x"]},
     }
 
 
+# what a case gets when it does not draw a flag: the first (valid, cheap) choice for these, nothing for the rest
+DEFAULTS = {"export": ["--out", "--check-samples"], "sample": ["--out", "--num-samples", "--steps"],
+            "eval": ["--num-samples", "--steps", "--reference"], "bench": ["--json", "--repeats", "--batch", "--threads", "--work-dir"],
+            "train": ["--out", "--steps", "--batch-size"]}
+
+
 @st.composite
-def cli_cases(draw, pools):
-    cmd = draw(st.sampled_from(sorted(pools)))
+def cli_cases(draw, pools, cmd: str):
     pool = pools[cmd]
     keys = draw(st.lists(st.sampled_from(sorted(pool)), min_size=1, max_size=len(pool), unique=True))
     args = {k: draw(st.sampled_from(pool[k])) for k in keys}
@@ -309,43 +388,58 @@ def cli_cases(draw, pools):
     return cmd, args, overwrite
 
 
+def fuzz_every_subcommand(env: Env, pools, examples: int, options, seed_value: int | None = None) -> None:
+    """``examples`` cases of each subcommand (hypothesis ``options``; ``seed_value`` seeds each command's draw),
+    checked by ``check_cli_case``."""
+    from hypothesis import given, seed, settings
+
+    for cmd in sorted(pools):
+        @settings(options, max_examples=examples)
+        @given(case=cli_cases(pools, cmd))
+        def cases(case):
+            check_cli_case(env, case, pools)
+        (seed(seed_value)(cases) if seed_value is not None else cases)()
+
+
 def check_cli_case(env: Env, case, pools) -> None:
     cmd, args, overwrite = case
+    pool = pools[cmd]
+    for k in DEFAULTS[cmd]:
+        args.setdefault(k, pool[k][0])
     argv = [cmd]
-    positional = [k for k in ("dir", "dirs") if k in pools[cmd]]
-    for k in positional:
-        argv.append(args.get(k, pools[cmd][k][0]))
-    for k in ("--out", "--onnx", "--json"):  # required flags default to the first (valid) choice
-        if k in pools[cmd] and k not in args:
-            args[k] = pools[cmd][k][0]
+    if "dir" in pool or "dirs" in pool:
+        argv.append(args.get("dir", args.get("dirs", pool.get("dir", pool.get("dirs"))[0])))
     for k, v in args.items():
-        if k not in positional:
+        if k in ("dir", "dirs", "checkpoint"):
+            continue
+        if k == "mode":
+            argv += [v] if v else []
+        elif v or k in ("--out", "--json", "--onnx", "--reference", "--cache-dir"):  # empty values of required flags stay
             argv += [k, v]
-    if cmd not in ("eval", "train"):  # a train run that gets through would train for minutes
+    if cmd != "eval":
         argv += ["--overwrite"] if overwrite else []
     argv += ["--quiet"] if cmd != "train" else []
     out = args.get("--out") or args.get("--json")
-    env.run(argv, f"cli {argv}", out)
-    if out and "out" + os.sep in out:
-        for p in (out, out + ".data"):
-            if os.path.isfile(p):
-                os.remove(p)
+    if cmd == "eval":
+        out = argv[1]
+    fresh = bool(out) and out.startswith(os.path.join(env.root, "out") + os.sep)
+    planted = _plant_checkpoint(out, args.get("checkpoint", "")) if cmd == "train" and fresh else None
+    try:
+        env.run(argv, f"cli {argv}" + (f" with {planted} at OUT.ckpt" if planted else ""), out)
+    finally:
+        if fresh:
+            for p in (out, out + ".data", out + ".ckpt", args.get("--npy") or "", args.get("--markdown") or ""):
+                if p.startswith(os.path.join(env.root, "out") + os.sep) and os.path.lexists(p):
+                    shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
 
 
-def make_bad_folders(env: Env, quantized: str) -> None:
-    """Broken copies of a quantized folder: truncated weights, weights for another model, files missing."""
-    bad = os.path.join(env.root, "bad")
-    for name in ("truncated", "mismatch", "missing"):
-        shutil.copytree(quantized, os.path.join(bad, name))
-    w = os.path.join(bad, "truncated", "quantized_unet.safetensors")
-    with open(w, "rb") as f:
-        data = f.read()
-    with open(w, "wb") as f:
-        f.write(data[: len(data) // 2])
-    cfg_path = os.path.join(bad, "mismatch", "unet_config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg["block_out_channels"] = [c * 2 for c in cfg["block_out_channels"]]
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f)
-    os.remove(os.path.join(bad, "missing", "quantized_unet.safetensors"))
+def _plant_checkpoint(out: str, source: str) -> str | None:
+    """Put a copy of the broken checkpoint ``source`` (a file or a folder) at ``out.ckpt``."""
+    if not source or len(os.path.basename(out)) + len(".ckpt") > 255:  # no room for a file named OUT.ckpt
+        return None
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if os.path.isdir(source):
+        os.makedirs(out + ".ckpt", exist_ok=True)
+    else:
+        shutil.copyfile(source, out + ".ckpt")
+    return os.path.basename(source)

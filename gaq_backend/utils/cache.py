@@ -59,6 +59,8 @@ def read_entry(path: str) -> dict[str, np.ndarray] | None:
 
     if not os.path.exists(path):
         return None
+    if not os.path.isfile(path):  # not gaq's to remove: say so once, and stop
+        raise OutputError(f"cache entry {path} is a folder, not a gaq cache file; move it out of the cache folder")
     try:
         with safe_open(path, framework="numpy") as f:
             meta = f.metadata() or {}

@@ -14,11 +14,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from typing import Any, Callable, Iterable, Iterator
+
+from .errors import one_line
 
 MANIFEST = "gaq-manifest.json"
 TMP_PREFIX = ".tmp-gaq-"
@@ -41,10 +44,18 @@ def _host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+TMP_RANDOM = 8  # the characters tempfile adds after the prefix
+TMP_MIN_NAME = 48
+
+
 def tmp_prefix(name: str) -> str:
     """``.tmp-gaq-<host>.<pid>-<name>-``: whose temporary this is, so only a dead writer's is ever removed
-    (the host tag keeps a cache shared between machines safe: another machine's pids are not checked here)."""
-    return f"{TMP_PREFIX}{_host_tag()}.{os.getpid()}-{name}-"
+    (the host tag keeps a cache shared between machines safe: another machine's pids are not checked here).
+    ``name`` is cut so that the temporary name (with tempfile's random part) is never longer than the final
+    name, or 48 characters for a short one: a final name that fits the filesystem has a temporary that fits."""
+    head = f"{TMP_PREFIX}{_host_tag()}.{os.getpid()}-"
+    room = max(len(name), TMP_MIN_NAME) - len(head) - 1 - TMP_RANDOM
+    return f"{head}{name[:max(room, 0)]}-"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -80,16 +91,62 @@ def clean_stale_tmp(folder: str) -> list[str]:
     return removed
 
 
+def _name_max(folder: str) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def _check_parent(path: str, flag: str) -> str:
-    """The nearest existing ancestor of ``path`` must be a folder."""
-    parent = os.path.dirname(path)
+    """``path`` can be created: its nearest existing ancestor is a writable folder (not a file, a broken symbolic
+    link or a link loop) and every name still to be made fits the filesystem. Checked before the work, written nothing."""
+    path = os.path.abspath(path)
+    parent, to_make = os.path.dirname(path), [os.path.basename(path)]
     while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+        if os.path.lexists(parent):  # a link that leads nowhere: makedirs would fail only at the final write
+            from .inputs import _what_is_wrong
+
+            raise OutputError(f"{flag} {path}: {parent} {_what_is_wrong(parent)}")
+        parent, to_make = os.path.dirname(parent), [os.path.basename(parent), *to_make]
     if parent and not os.path.isdir(parent):
         raise OutputError(f"{flag} {path}: {parent} is a file, not a folder")
     if parent and not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{flag} {path}: no permission to write in {parent}")
+    limit = _name_max(parent or ".")
+    long = [n for n in to_make if len(os.fsencode(n)) > limit]
+    if long:
+        raise OutputError(f"{flag} {path}: the name {long[0][:40]}... is longer than the filesystem allows ({limit} bytes)")
     return parent
+
+
+WRITE_FAULTS = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file is larger than allowed", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the filesystem is read-only", errno.EIO: "an I/O error"}
+
+
+def write_fault(e: BaseException) -> str | None:
+    """What went wrong if ``e`` is the environment failing a write (a full disk, a size limit, a read-only or failing
+    disk), else None. safetensors (its own error type) and shutil.copytree (an OSError holding a list) report these
+    with the OS error code in the message."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):
+        import re
+
+        m = re.search(r"(?:code: |os error |\[Errno )(\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    return WRITE_FAULTS.get(code) if code is not None else None
+
+
+@contextlib.contextmanager
+def write_faults_as_errors(path: str) -> Iterator[None]:
+    """A write that the environment fails is the user's to fix: one ``OutputError`` naming the output."""
+    try:
+        yield
+    except Exception as e:
+        reason = write_fault(e)
+        if reason is None:
+            raise
+        raise OutputError(f"cannot write {path}: {reason} ({one_line(e, 100)}); nothing was written there") from e
 
 
 @contextlib.contextmanager
@@ -107,9 +164,10 @@ def atomic_path(path: str) -> Iterator[str]:
     fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(os.path.basename(path)), dir=parent)
     os.close(fd)
     try:
-        yield tmp
-        os.chmod(tmp, umask_mode(0o666))
-        os.replace(tmp, path)
+        with write_faults_as_errors(path):
+            yield tmp
+            os.chmod(tmp, umask_mode(0o666))
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -160,7 +218,10 @@ def check_output_dir(path: str, kind: str, overwrite: bool = False, protect: Ite
     _check_parent(path, flag)
     if os.path.lexists(path):
         if not os.path.isdir(path):
-            raise OutputError(f"{flag} {path} is a file; expected a folder (choose another path)")
+            from .inputs import _what_is_wrong
+
+            what = _what_is_wrong(path) or "is a file; expected a folder"
+            raise OutputError(f"{flag} {path} {what} (choose another path)")
         m = read_manifest(path)
         if m is not None and m["kind"] != kind:
             raise OutputError(f"{flag} {path} is a gaq {m['kind']} output, not a {kind} output; name another folder")
@@ -181,6 +242,8 @@ def _commit(tmp: str, target: str, kind: str) -> None:
     files = sorted(os.listdir(tmp))
     if any(os.path.isdir(os.path.join(tmp, f)) for f in files):
         raise RuntimeError(f"output folders hold files only; got a folder in {files}")
+    for f in files:  # libraries create some files 0600 (safetensors, onnx's external data): the umask decides
+        os.chmod(os.path.join(tmp, f), umask_mode(0o666))
     if not os.path.lexists(target):
         _write_manifest(tmp, kind, files, complete=True)
         os.chmod(tmp, umask_mode(0o777))
@@ -212,9 +275,10 @@ def output_dir(path: str, kind: str, overwrite: bool = False, protect: Iterable[
     clean_stale_tmp(parent)
     tmp = tempfile.mkdtemp(prefix=tmp_prefix(os.path.basename(target)), dir=parent)
     try:
-        yield tmp
-        check_output_dir(target, kind, overwrite, protect)
-        _commit(tmp, target, kind)
+        with write_faults_as_errors(target):
+            yield tmp
+            check_output_dir(target, kind, overwrite, protect)
+            _commit(tmp, target, kind)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -240,16 +304,44 @@ def check_output_file(path: str, overwrite: bool = False, owned: Callable[[str],
     return path
 
 
-def read_json_object(path: str) -> dict:
-    """A JSON object from ``path``; a one-line ``ValueError`` naming the file if it is not one."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a {type(d).__name__}")
-    return d
+def check_distinct(outputs: dict[str, str], inputs: dict[str, str] = {}) -> None:  # noqa: B006 - read only
+    """One command's outputs (flag -> path) are different files, and none is one of its inputs: a file named twice
+    would be written twice, and the report would name two files where one is left."""
+    seen: dict[str, str] = {}
+    for flag, path in inputs.items():
+        if path:
+            seen.setdefault(os.path.realpath(path), flag)
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            what = "input" if seen[real] in inputs else "output"
+            raise OutputError(f"{flag} {path} is also the {what} {seen[real]}; name different files")
+        seen[real] = flag
+
+
+def check_files_in_output(folder: str, files: Iterable[str], flag: str = "DIR") -> str:
+    """gaq may add ``files`` to the gaq output ``folder``: it has a manifest, and each file is new or one gaq
+    wrote there before (its manifest lists it). Returns the folder, absolute."""
+    folder = os.path.abspath(folder)
+    if read_manifest(folder) is None:
+        raise OutputError(f"{flag} {folder} is not an output folder of gaq (no readable {MANIFEST}); gaq writes only into its own folders")
+    _check_clash(folder, files, flag)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {folder}: no permission to write in it")
+    return folder
+
+
+@contextlib.contextmanager
+def output_file_in(folder: str, name: str) -> Iterator[str]:
+    """Yield a temporary path for the file ``name`` that gaq adds to its output ``folder`` (see
+    :func:`check_files_in_output`); the manifest claims the name before the file moves in, so a kill in between
+    leaves a name gaq may replace later, never a file of gaq's that looks like the user's."""
+    check_files_in_output(folder, [name])
+    add_to_output(folder, [name])
+    with atomic_path(os.path.join(folder, name)) as tmp:
+        yield tmp
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -257,10 +349,3 @@ def write_json(path: str, obj: Any) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
-
-
-def torch_save(obj: Any, path: str) -> None:
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)

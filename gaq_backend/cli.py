@@ -84,6 +84,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"mean {p['float64_vs_float32']['mean_steps']:.3f}, max {p['float64_vs_float32']['max_steps']:.2f}; "
           f"bounds: mean {b['mean_steps']:.3f}, max {b['max_steps']:.2f}")
     print(f"wrote {os.path.abspath(args.out) if args.optimum_from else res.path}")
+    from exporters.validate import int8_kernel_warning
+
+    warning = int8_kernel_warning(p)
+    if warning:
+        print(f"gaq: warning: {warning}", file=sys.stderr)
     return 0
 
 

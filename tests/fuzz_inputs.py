@@ -164,22 +164,20 @@ def make_inputs(root: str, quantized: str, onnx_path: str) -> dict[str, list[str
 def make_optimum_dirs(root: str, quantized: str) -> list[str]:
     """An Optimum-shaped pipeline folder whose unet/ is the quantized model's FP graph, and broken copies of it."""
     import torch
+    from diffusers import UNet2DModel
 
     from exporters.onnx_export import export_fp
-    from gaq_backend.serialization import load_quantized
 
     base = os.path.join(root, "bad", "optimum")
     good = os.path.join(base, "good")
     os.makedirs(os.path.join(good, "unet"))
     os.makedirs(os.path.join(good, "scheduler"))
-    unet, sched_cfg, _ = load_quantized(quantized)
+    sched_cfg = json.load(open(os.path.join(quantized, "scheduler_config.json")))
     cfg = json.load(open(os.path.join(quantized, "unet_config.json")))
     json.dump(cfg, open(os.path.join(good, "unet", "config.json"), "w"))
     json.dump(sched_cfg, open(os.path.join(good, "scheduler", "scheduler_config.json"), "w"))
     json.dump({"_class_name": "ORTDiffusionPipeline", "unet": ["diffusers", cfg["_class_name"]],
                "scheduler": ["diffusers", "DDPMScheduler"]}, open(os.path.join(good, "model_index.json"), "w"))
-    from diffusers import UNet2DModel
-
     with torch.no_grad():
         export_fp(UNet2DModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")}), os.path.join(good, "unet", "model.onnx"))
     out = [good]

@@ -16,7 +16,7 @@ from gaq_backend.cli import main
 from gaq_backend.wrapping import quant_layers
 
 from exporters import validate
-from exporters.onnx_export import export_quantized
+from exporters.onnx_export import build_quantized_onnx, export_quantized
 from exporters.ort_runtime import create_session, metadata, predict_noise
 from exporters.ort_sampler import DDIMSchedule
 
@@ -186,15 +186,13 @@ def test_bad_inputs_are_refused_with_one_line_and_no_file(w4a8_dir, tiny_model_d
 def test_gaq_sample_refuses_a_file_that_is_not_an_export(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_text("not a model")
-    for path, message in [(str(tmp_path / "missing.onnx"), "no such ONNX file"), (str(bad), "is not a loadable ONNX model")]:
+    for path, message in [(str(tmp_path / "missing.onnx"), "does not exist"), (str(bad), "is not a loadable ONNX model")]:
         proc = _gaq("sample", "--onnx", path, "--out", str(tmp_path / "s.png"), "--quiet")
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not (tmp_path / "s.png").exists()
 
 
 def test_temporal_per_timestep_ranges_export_faithfully(tmp_path):
-    from exporters.onnx_export import build_quantized_onnx
-
     d = _quantize_tiny(str(tmp_path), "t", TINY_UNET, algorithm="temporal",
                        quantization=dict(w_bits=4, a_bits=8, keep_fp=["conv_in", "conv_out"]),
                        settings=dict(batch_size=16, iters=4, act_iters=2, tib_iters=4))
@@ -238,6 +236,30 @@ def test_parity_failure_writes_nothing(w4a8_dir, tmp_path, monkeypatch):
     with pytest.raises(validate.ParityError, match="nothing was written"):
         export_quantized(w4a8_dir, str(out), "int8", progress=False)
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_int8_kernels_that_deviate_are_told_apart_from_a_wrong_graph(w4a8_dir, monkeypatch):
+    """Only when the fused run fails and the same graph with onnxruntime's Q/DQ fusion off passes is the export
+    accepted, with the kernels' deviation recorded (AVX2 CPUs without VNNI saturate u8 x s8 in int16)."""
+    model, _, _ = load_quantized(w4a8_dir)
+    real = validate.compare_with_torch
+    fused_error = {"unfused": False}
+
+    def fake(*args, config=None, **kw):
+        res = real(*args, config=config, **kw)
+        if not config or fused_error["unfused"]:  # the fused run (and, in the second case, the unfused one) deviates
+            res = dict(res, mean_steps=res["bounds"]["mean_steps"] + 1.0)
+        return res
+    monkeypatch.setattr(validate, "compare_with_torch", fake)
+    x, t, cond = validate.held_out_inputs(model, 8)
+    onnx_model = build_quantized_onnx(model, "int8", 21, {})
+    res = validate.validate(onnx_model, model, x, t, cond)
+    assert res["checked_with"] == "session.disable_quant_qdq=1" and res["int8_kernels"]["over"]
+    assert "session.disable_quant_qdq=1" in validate.int8_kernel_warning(res)
+    assert validate.int8_kernel_warning({"mean_steps": 0.0}) is None
+    fused_error["unfused"] = True  # a wrong graph fails both ways: refused
+    with pytest.raises(validate.ParityError, match="mean_steps"):
+        validate.validate(onnx_model, model, x, t, cond)
 
 
 def test_bench_rows_name_the_provider_that_ran(w4a8_dir, tmp_path):

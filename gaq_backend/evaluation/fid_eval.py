@@ -166,8 +166,9 @@ def _read_images(folder: str, num_samples: int, seed: int, steps: int | None) ->
             info = json.loads(str(z["info"]))
             fp, q = z["fp"], z["quantized"]
         held = (int(info["n_samples"]), int(info["seed"]), int(info["sampler"]["num_inference_steps"]))
-        for k in ("algorithm", "w_bits", "a_bits", "timings", "device"):
-            info[k]  # noqa: B018 - every key the report reads, checked here
+        missing = [k for k in ("algorithm", "w_bits", "a_bits", "timings", "device") if k not in info]  # what the report reads
+        if missing:
+            raise ValueError(f"its info lacks {', '.join(missing)}")
         if fp.dtype != np.uint8 or fp.ndim != 4 or fp.shape != q.shape or q.dtype != np.uint8 or len(fp) != held[0]:
             raise ValueError(f"images fp {fp.dtype} {fp.shape} and quantized {q.dtype} {q.shape}; expected uint8 (N, C, H, W) "
                              f"with N = {held[0]}")

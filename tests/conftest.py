@@ -37,6 +37,28 @@ def tiny_recipe(model_dir: str, cache_dir: str, **overrides) -> dict:
     return recipe
 
 
+def quantize_tiny_folder(root, model_dir: str) -> dict:
+    """``gaq quantize`` of the tiny model into ``root/q`` with the tiny recipe (its cache in ``root/cache``)."""
+    import yaml
+
+    from gaq_backend.cli import main
+
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(model_dir, str(root / "cache"))))
+    out = root / "q"
+    assert main(["quantize", str(recipe), "--out", str(out), "--quiet"]) == 0
+    return dict(root=root, recipe=str(recipe), out=out)
+
+
+def assert_one_error_line(rc: int, stderr: str, *needles: str) -> str:
+    """The CLI's contract for bad input: exit 2 and one ``gaq: error:`` line (warnings aside) holding ``needles``."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("gaq: warning")]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("gaq: error:") and "Traceback" not in stderr, stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture
 def write_recipe(tmp_path, tiny_model_dir):
     import yaml

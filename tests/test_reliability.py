@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
+from conftest import assert_one_error_line, quantize_tiny_folder
 from gaq_backend.cli import main
 
 import fuzz
@@ -22,25 +23,12 @@ def _gaq(*args, cwd=None):
 
 
 def _one_error_line(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith("gaq: warning")]
-    assert len(lines) == 1 and lines[0].startswith("gaq: error:") and "Traceback" not in proc.stderr, proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+    return assert_one_error_line(proc.returncode, proc.stderr, *needles)
 
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, tiny_model_dir):
-    import yaml
-    from conftest import tiny_recipe
-
-    root = tmp_path_factory.mktemp("rel")
-    recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir, str(root / "cache"))))
-    out = root / "q"
-    assert main(["quantize", str(recipe), "--out", str(out), "--quiet"]) == 0
-    return dict(root=root, recipe=str(recipe), out=out)
+    return quantize_tiny_folder(tmp_path_factory.mktemp("rel"), tiny_model_dir)
 
 
 # ---------------------------------------------------------------------------------------------

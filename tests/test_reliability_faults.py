@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import assert_one_error_line, quantize_tiny_folder
+from fuzz_inputs import Payload
 from gaq_backend.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,29 +41,25 @@ def _run(argv, capsys):
 
 
 def _one_error(rc_lines, *needles):
-    rc, lines, err = rc_lines
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("gaq: error:") and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+    rc, _, err = rc_lines
+    return assert_one_error_line(rc, err, *needles)
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_model_dir):
     """A quantized folder of the tiny model, its ONNX export, a recipe and a small IDX reference."""
-    from conftest import tiny_recipe
-
-    root = tmp_path_factory.mktemp("faults")
-    recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir, str(root / "cache"))))
-    q = root / "q"
-    assert _main(["quantize", str(recipe), "--out", str(q), "--quiet"]) == 0
+    w = quantize_tiny_folder(tmp_path_factory.mktemp("faults"), tiny_model_dir)
+    root, q = w["root"], w["out"]
     onnx_path = root / "q.onnx"
     assert _main(["export", str(q), "--out", str(onnx_path), "--check-samples", "4", "--quiet"]) == 0
     ref = root / "ref-idx"
     digits = np.random.default_rng(0).integers(0, 256, size=(8, 16, 16), dtype=np.uint8)
     ref.write_bytes(np.array([2051, 8, 16, 16], dtype=">u4").tobytes() + digits.tobytes())
-    return dict(root=root, recipe=recipe, q=q, onnx=onnx_path, ref=ref, model=tiny_model_dir)
+    return dict(root=root, recipe=w["recipe"], q=q, onnx=onnx_path, ref=ref, model=tiny_model_dir)
+
+
+def _no_sampling(*a, **k):
+    raise AssertionError("sampled before the check")
 
 
 def _copy_q(work, dest):
@@ -72,18 +70,8 @@ def _copy_q(work, dest):
 # ---------------------------------------------------------------------------------------------
 # 1. Nothing gaq reads is unpickled (security)
 
-class _Payload:
-    """Unpickling this runs code: it creates ``marker``."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').close()",))
-
-
 def _plant(kind: str, path, marker) -> None:
-    payload = _Payload(marker)
+    payload = Payload(str(marker))
     if kind == "torch":  # the torch.save zip form: what torch.load(weights_only=False) would run
         torch.save({"model": payload, "step": 1}, path)
     elif kind == "pickle":
@@ -300,10 +288,6 @@ def test_training_resumes_from_its_own_checkpoint_exactly(tmp_path):
     tr.train(cfg(tmp_path / "b", 4))
     a, b = (load_file(tmp_path / n / "diffusion_pytorch_model.safetensors") for n in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _no_sampling(*a, **k):
-    raise AssertionError("sampled before the check")
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00\x00\x08\x03", b"\x00\x00\x08\x03" + bytes(12) + b"x"])

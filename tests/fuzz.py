@@ -104,11 +104,12 @@ class Env:
         return [os.path.join(b, n) for b, ds, fs in os.walk(self.root) for n in ds + fs if n.startswith(".tmp-gaq-")]
 
     def run(self, argv: list[str], label: str, out: str | None = None, dry_run: bool = False,
-            complete_files: tuple[str, ...] = ()) -> int:
-        """Run ``gaq argv`` in ``root``; record a failure if the outcome breaks the contract."""
+            complete_files: tuple[str, ...] = (), more_outputs: tuple[str, ...] = ()) -> int:
+        """Run ``gaq argv`` in ``root``; record a failure if the outcome breaks the contract. ``out`` is the main
+        output (checked for completeness), ``more_outputs`` the others the command was asked to write."""
         self.n_cases += 1
         before = self.snapshot()
-        allowed = self.may_change(out, "--overwrite" in argv, before)
+        allowed = set().union(*(self.may_change(o, "--overwrite" in argv, before) for o in (out, *more_outputs)))
         target = os.path.abspath(os.path.join(self.root, out)) if out else None
         existed = target is not None and os.path.lexists(target)
         err = io.StringIO()
@@ -425,7 +426,8 @@ def check_cli_case(env: Env, case, pools) -> None:
     fresh = bool(out) and out.startswith(os.path.join(env.root, "out") + os.sep)
     planted = _plant_checkpoint(out, args.get("checkpoint", "")) if cmd == "train" and fresh else None
     try:
-        env.run(argv, f"cli {argv}" + (f" with {planted} at OUT.ckpt" if planted else ""), out)
+        env.run(argv, f"cli {argv}" + (f" with {planted} at OUT.ckpt" if planted else ""), out,
+                more_outputs=tuple(args.get(k) or "" for k in ("--npy", "--markdown")))
     finally:
         if fresh:
             for p in (out, out + ".data", out + ".ckpt", args.get("--npy") or "", args.get("--markdown") or ""):

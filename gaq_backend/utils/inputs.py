@@ -26,7 +26,7 @@ class InputError(ValueError):
     """An input gaq cannot use; the message names the file or flag and what is wrong with it."""
 
 
-def _what_is_wrong(path: str) -> str | None:
+def what_is_wrong(path: str) -> str | None:
     """Why ``path`` cannot be opened at all, or None if it can be stat'ed."""
     try:
         os.stat(path)
@@ -51,7 +51,7 @@ def check_input(path: str, flag: str, want: str = "file") -> str:
     if path is None or not str(path).strip():
         raise InputError(f"{flag} is empty; name a {'folder' if want == 'folder' else 'file'}")
     label = f"{flag} {path}" if flag else str(path)
-    wrong = _what_is_wrong(path)
+    wrong = what_is_wrong(path)
     if wrong:
         raise InputError(f"{label} {wrong}")
     if want == "folder" and not os.path.isdir(path):

@@ -9,7 +9,13 @@
 - ``output_file(path)`` does the same for one file: an existing file is replaced only if ``owned(path)``
   recognises it as gaq's, or with ``overwrite=True``.
 - Temporary names carry the writer's pid (``.tmp-gaq-<pid>-...``), so the next run removes the ones a
-  killed run left behind (``clean_stale_tmp``) and never touches a live writer's.
+  killed run left behind (``clean_stale_tmp``) and never touches a live writer's; they are never longer
+  than the final name.
+- Every path is checked before the work (``_check_parent``: no broken link or loop above it, names that fit),
+  a write the environment fails (disk full, size limit, read-only) is one ``OutputError`` naming the output
+  (``write_faults_as_errors``), and every file gets the mode the umask gives.
+- ``check_distinct``: one command's outputs are different files and none is one of its inputs;
+  ``output_file_in``: a file added to a gaq output folder (``gaq eval``'s) through its manifest.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import tempfile
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import one_line
+from .inputs import what_is_wrong
 
 MANIFEST = "gaq-manifest.json"
 TMP_PREFIX = ".tmp-gaq-"
@@ -105,9 +112,7 @@ def _check_parent(path: str, flag: str) -> str:
     parent, to_make = os.path.dirname(path), [os.path.basename(path)]
     while parent and not os.path.exists(parent):
         if os.path.lexists(parent):  # a link that leads nowhere: makedirs would fail only at the final write
-            from .inputs import _what_is_wrong
-
-            raise OutputError(f"{flag} {path}: {parent} {_what_is_wrong(parent)}")
+            raise OutputError(f"{flag} {path}: {parent} {what_is_wrong(parent)}")
         parent, to_make = os.path.dirname(parent), [os.path.basename(parent), *to_make]
     if parent and not os.path.isdir(parent):
         raise OutputError(f"{flag} {path}: {parent} is a file, not a folder")
@@ -218,9 +223,7 @@ def check_output_dir(path: str, kind: str, overwrite: bool = False, protect: Ite
     _check_parent(path, flag)
     if os.path.lexists(path):
         if not os.path.isdir(path):
-            from .inputs import _what_is_wrong
-
-            what = _what_is_wrong(path) or "is a file; expected a folder"
+            what = what_is_wrong(path) or "is a file; expected a folder"
             raise OutputError(f"{flag} {path} {what} (choose another path)")
         m = read_manifest(path)
         if m is not None and m["kind"] != kind:

@@ -161,6 +161,7 @@ def _load_noise(path: str):
     with reading(path, ".npy file of noise (N, C, H, W)"):
         noise = np.load(path, allow_pickle=False)
         if not isinstance(noise, np.ndarray):
+            noise.close()
             raise ValueError("an .npz archive, not one .npy array")
     if noise.ndim != 4 or not np.issubdtype(noise.dtype, np.floating) or not np.isfinite(noise).all():
         raise ValueError(f"--noise {path}: expected finite float noise of shape (N, C, H, W); got {noise.dtype} {noise.shape}")

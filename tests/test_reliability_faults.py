@@ -300,6 +300,17 @@ def test_an_empty_or_short_reference_is_one_line_before_sampling(work, tmp_path,
     _one_error(_run(["eval", work["q"], "--num-samples", "4", "--reference", ref], capsys), str(ref), "MNIST IDX")
 
 
+def test_eval_refuses_a_conditional_unet_before_loading_it(work, tmp_path, capsys, monkeypatch):
+    import gaq_backend.serialization as serialization
+
+    q = _copy_q(work, tmp_path / "q")
+    cfg = json.loads((q / "unet_config.json").read_text())
+    (q / "unet_config.json").write_text(json.dumps(dict(cfg, num_class_embeds=10)))
+    monkeypatch.setattr(serialization, "load_quantized", _no_sampling)  # any model load fails the test
+    for mode in ([], ["--sample-only"]):
+        _one_error(_run(["eval", q, "--num-samples", "4", "--reference", work["ref"], *mode], capsys), "conditional")
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Every output path is checked before the work
 

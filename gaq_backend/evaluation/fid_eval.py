@@ -100,12 +100,15 @@ IMAGES_FILE = "eval-images.npz"
 def _load_models(folder: str, steps: int | None, device: str | torch.device):
     from ..models.loading import load_model
     from ..recipe import USER_MODEL
-    from ..serialization import load_quantized
+    from ..serialization import UNET_CONFIG_FILE, load_quantized, read_output_configs
+    from ..utils.inputs import read_json_object
 
-    qmodel, sched_cfg, recipe = load_quantized(folder)
-    if recipe.model == USER_MODEL or any(getattr(qmodel.config, k, None) for k in ("cross_attention_dim", "num_class_embeds", "class_embed_type")):
+    _, recipe = read_output_configs(folder)  # refused from its configs, before the (slow) model load
+    config = read_json_object(os.path.join(folder, UNET_CONFIG_FILE))
+    if recipe.model == USER_MODEL or any(config.get(k) for k in ("cross_attention_dim", "num_class_embeds", "class_embed_type")):
         raise ValueError(f"{folder}: gaq eval measures FID of unconditional UNets quantized from a model folder; this one is "
                          "conditional or was quantized from Python (no base model path)")
+    qmodel, sched_cfg, recipe = load_quantized(folder)
     fp_model = load_model(recipe.model, recipe.model_options).unet.to(device)
     qmodel.to(device)
     sampler = SamplerConfig(kind=recipe.sampler.kind, num_inference_steps=steps or recipe.sampler.num_inference_steps, eta=recipe.sampler.eta)

@@ -8,7 +8,7 @@
   type, ...) becomes one :class:`InputError` naming the file, what it should have been, and why not.
 
 Nothing gaq reads is unpickled: weights, checkpoints and caches are safetensors, arrays are read with
-``allow_pickle=False`` (``tests/test_reliability.py`` plants a pickle payload for every reader and scans the
+``allow_pickle=False`` (``tests/test_reliability_faults.py`` plants a pickle payload for every reader and scans the
 source for loaders that could unpickle).
 """
 from __future__ import annotations

@@ -74,6 +74,17 @@ def _run_torch(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict, ba
                       for i in range(0, len(x), batch_size)]).double().numpy()
 
 
+def in_float64(unet: nn.Module) -> nn.Module:
+    """A float64 copy of ``unet`` whose layers cast their float inputs to float64: diffusers feeds some
+    layers a float32 tensor it never casts to the model's dtype (``UNet2DModel``'s ``class_embed_type=
+    "timestep"`` path), which a float32 model never notices."""
+    model = copy.deepcopy(unet).double()
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.register_forward_pre_hook(lambda _m, args: tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+    return model
+
+
 @torch.no_grad()
 def compare_with_torch(model: onnx.ModelProto | str, unet: nn.Module, x: torch.Tensor, t: torch.Tensor,
                        cond: dict | None = None, batch_size: int = 64, runtime: str = "onnxruntime",
@@ -85,7 +96,7 @@ def compare_with_torch(model: onnx.ModelProto | str, unet: nn.Module, x: torch.T
     if reference is None:
         cond64 = {k: v.double() if v.is_floating_point() else v for k, v in cond.items()}
         reference = (_run_torch(unet, x, t, cond, batch_size),
-                     _run_torch(copy.deepcopy(unet).double(), x.double(), t.double() if t.is_floating_point() else t, cond64, batch_size))
+                     _run_torch(in_float64(unet), x.double(), t.double() if t.is_floating_point() else t, cond64, batch_size))
     ref, ref64 = reference
     session = open_session(model, runtime, "cpu", precision="f32", config=config)  # OpenVINO's bf16 default is not a parity check
     got = predict_noise(session, x.float().numpy(), t.numpy(), batch_size,

@@ -1,7 +1,9 @@
 """Fake quantization of the two attention matmuls (Q.K^T and softmax.V) of diffusers ``Attention``.
 
-The processor reproduces diffusers' reference ``AttnProcessor`` and quantizes the four matmul
-operands (query, key, attention probabilities, value) per tensor, as Q-Diffusion does.
+The processor reproduces diffusers' reference ``AttnProcessor`` (or, for the simple cross-attention
+blocks, ``AttnAddedKVProcessor``: the text's keys and values from ``add_k_proj`` / ``add_v_proj``
+put before the image's) and quantizes the four matmul operands (query, key, attention probabilities,
+value) per tensor, as Q-Diffusion does.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from ..quantizers import UniformQuantizer
 class QuantAttnProcessor(nn.Module):
     OPERANDS = ("query", "key", "probs", "value")
 
-    def __init__(self, a_bits: int, a_symmetric: bool = True, device: torch.device | str | None = None):
+    def __init__(self, a_bits: int, a_symmetric: bool = True, device: torch.device | str | None = None, added_kv: bool = False):
         super().__init__()
         self.quantizers = nn.ModuleDict({k: UniformQuantizer(a_bits, a_symmetric, device=device) for k in self.OPERANDS})
         self.use_act_quant = True
+        self.added_kv = added_kv   # the layout of diffusers' AttnAddedKVProcessor (UNet's SimpleCrossAttn blocks)
 
     def _q(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.quantizers[name](x) if self.use_act_quant else x
@@ -28,6 +31,8 @@ class QuantAttnProcessor(nn.Module):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        if self.added_kv:
+            return self._added_kv_forward(attn, hidden_states, encoder_hidden_states, attention_mask)
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -47,17 +52,7 @@ class QuantAttnProcessor(nn.Module):
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
         query, key, value = (attn.head_to_batch_dim(t) for t in (query, key, value))
-
-        if self.use_act_quant and any(q.enabled for q in self.quantizers.values()):
-            scores = torch.bmm(self._q("query", query), self._q("key", key).transpose(-1, -2)).mul_(attn.scale)
-            if attention_mask is not None:
-                scores = scores + attention_mask
-            probs = scores.float().softmax(dim=-1).to(query.dtype)
-            hidden_states = torch.bmm(self._q("probs", probs), self._q("value", value))
-        else:  # nothing to quantize in between (AdaRound's phase, W4A32): torch's fused kernel, no score matrix kept
-            hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
-
-        hidden_states = attn.batch_to_head_dim(hidden_states)
+        hidden_states = attn.batch_to_head_dim(self._attend(attn, query, key, value, attention_mask))
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
@@ -65,3 +60,34 @@ class QuantAttnProcessor(nn.Module):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    def _attend(self, attn, query, key, value, attention_mask):
+        """softmax(Q.K^T * scale + mask).V on (batch * heads, tokens, head_dim) operands, quantized."""
+        if self.use_act_quant and any(q.enabled for q in self.quantizers.values()):
+            scores = torch.bmm(self._q("query", query), self._q("key", key).transpose(-1, -2)).mul_(attn.scale)
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = scores.float().softmax(dim=-1).to(query.dtype)
+            return torch.bmm(self._q("probs", probs), self._q("value", value))
+        # nothing to quantize in between (AdaRound's phase, W4A32): torch's fused kernel, no score matrix kept
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+
+    def _added_kv_forward(self, attn, hidden_states, encoder_hidden_states, attention_mask):
+        residual = hidden_states
+        hidden_states = hidden_states.view(hidden_states.shape[0], hidden_states.shape[1], -1).transpose(1, 2)
+        batch_size, seq_len, _ = hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch_size)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.add_k_proj(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.add_v_proj(encoder_hidden_states))
+        if not attn.only_cross_attention:  # the text's keys and values first, then the image's own
+            key = torch.cat([key, attn.head_to_batch_dim(attn.to_k(hidden_states))], dim=1)
+            value = torch.cat([value, attn.head_to_batch_dim(attn.to_v(hidden_states))], dim=1)
+        hidden_states = attn.batch_to_head_dim(self._attend(attn, query, key, value, attention_mask))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        return hidden_states.transpose(-1, -2).reshape(residual.shape) + residual

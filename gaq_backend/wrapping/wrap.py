@@ -9,10 +9,14 @@ from torch import nn
 from .attention import QuantAttnProcessor
 from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
 
-# Leaf layers that carry parameters but compute in float in every peer's W4A8 scheme.
+# Leaf layers that carry parameters but compute in float in every peer's W4A8 scheme. Any other module whose
+# parameters are all vectors (norm gains, GaussianFourierProjection's frequencies, a learned scale) computes
+# elementwise and stays in float too; one with a matrix or kernel of its own is refused, since it is a matmul
+# or convolution gaq does not know how to quantize.
 FLOAT_LAYERS = (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d, nn.Embedding, nn.InstanceNorm2d)
 # diffusers' attention processors that compute plain (masked) softmax attention; anything else is refused.
 KNOWN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "QuantAttnProcessor")
+ADDED_KV_PROCESSORS = ("AttnAddedKVProcessor", "AttnAddedKVProcessor2_0")   # the same, with the text's K/V added
 
 
 class UnsupportedLayerError(ValueError):
@@ -102,7 +106,7 @@ def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_s
             raise ValueError(f"model is already quantized ({name} is a {type(module).__name__}); wrap a fresh FP model")
         if isinstance(module, Attention):
             proc = type(module.processor).__name__
-            if proc not in KNOWN_PROCESSORS:
+            if proc not in KNOWN_PROCESSORS + ADDED_KV_PROCESSORS:
                 raise UnsupportedLayerError(f"unsupported attention processor {proc} at {name}; add '{name}' to keep_fp to leave it in full precision")
             if getattr(module, "norm_q", None) is not None or getattr(module, "norm_k", None) is not None:
                 raise UnsupportedLayerError(f"unsupported attention with query/key norm at {name}; add '{name}' to keep_fp")
@@ -110,7 +114,8 @@ def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_s
                 report.kept.append(name + ".matmuls")
             else:
                 module._gaq_fp_processor = module.processor  # restored by algorithms.common.full_precision
-                module.set_processor(QuantAttnProcessor(a_bits, a_symmetric, device=module.to_q.weight.device))
+                module.set_processor(QuantAttnProcessor(a_bits, a_symmetric, device=module.to_q.weight.device,
+                                                        added_kv=proc in ADDED_KV_PROCESSORS))
                 report.attention.append(name)
             continue
         if isinstance(module, (nn.Conv2d, nn.Linear)) and not _computes_plain_op(module):
@@ -131,7 +136,7 @@ def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_s
             report.wrapped.append(name)
             continue
         own_params = list(module.parameters(recurse=False))
-        if own_params and not isinstance(module, FLOAT_LAYERS):
+        if any(p.dim() >= 2 for p in own_params) and not isinstance(module, FLOAT_LAYERS):
             if is_kept(name, keep_fp):
                 report.kept.append(name)
                 continue

@@ -8,7 +8,7 @@ The full generated corpus (issue 26: hundreds of configs) belongs in benchmarks/
 """
 import pytest
 
-from tests.unet_zoo import generate, run_case
+from unet_zoo import generate, run_case
 
 
 @pytest.mark.parametrize("seed", [2, 4, 5])

@@ -124,7 +124,7 @@ def build_unet(case: ZooCase) -> torch.nn.Module:
     return getattr(diffusers, case.cls)(**case.config).eval()
 
 
-def make_scheduler(case: ZooCase):
+def loop_scheduler(case: ZooCase):
     import diffusers
 
     kw: dict[str, Any] = dict(num_train_timesteps=1000)
@@ -164,7 +164,7 @@ def sampling_loop(case: ZooCase, noise_seed: int):
 
     def loop(unet):
         gen = torch.Generator().manual_seed(noise_seed)
-        sched = make_scheduler(case)
+        sched = loop_scheduler(case)
         c = case.config
         x = torch.randn(BATCH, c["in_channels"], c["sample_size"], c["sample_size"], generator=gen) * sched.init_noise_sigma
         cond, uncond = _conditioning(case, gen)

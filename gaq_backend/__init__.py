@@ -21,6 +21,7 @@ _LAZY = {
     "UniformConfig": "algorithms.uniform", "TemporalConfig": "algorithms.temporal",
     "GradientAlignedConfig": "algorithms.gradient_aligned", "CalibrationRecord": "algorithms.result",
     "GAQConfig": "torchao_config", "unet_root": "torchao_config",
+    "layer_sensitivity": "evaluation.sensitivity", "float_weights": "evaluation.sensitivity",
 }
 __all__ = list(_LAZY)
 

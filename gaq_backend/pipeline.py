@@ -15,6 +15,7 @@ from .calibration.capture import CalibrationSet, class_conditioning
 from .config import ConfigError
 from .evaluation import noise_mse, save_grid, side_by_side, to_uint8
 from .evaluation.images import grid
+from .evaluation.sensitivity import float_weights, layer_sensitivity
 from .calibration.pipeline_capture import capture_from_pipeline, pipeline_images
 from .models.loading import LoadedModel, load_model, make_scheduler_for, resolve_model_path
 from .recipe import Recipe
@@ -184,9 +185,18 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
 
     t = time.perf_counter()
     qcfg = recipe.quant_config()
+    fp_weights = float_weights(unet) if rep.sensitivity else None  # quantize rounds the weights in place
     quantize(unet, qcfg, calib, progress=progress)
     timings["calibration"] = time.perf_counter() - t
     log(unet.gaq_info.wrap.summary())
+    sensitivity = None
+    if fp_weights is not None:
+        t = time.perf_counter()
+        sensitivity = layer_sensitivity(unet, fp_weights, calib.val, rep.sensitivity_target, rep.sensitivity_rows,
+                                        rep.batch_size, progress=progress)
+        del fp_weights
+        timings["sensitivity"] = time.perf_counter() - t
+        log(sensitivity.table())
 
     t = time.perf_counter()
     mse, mse_groups = noise_mse(unet, calib.val, recipe.report.batch_size)
@@ -202,6 +212,7 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
         calibration=dict(n_train=len(calib.train), n_val=len(calib.val), n_steps=int(calib.step.max()) + 1, n_groups=calib.n_groups, cache_hit=cached),
         layers=unet.gaq_info.wrap.to_dict(),
         algorithm_stats=unet.gaq_info.stats.to_dict(),
+        sensitivity=sensitivity.to_dict() if sensitivity is not None else None,
         environment=dict(gaq=__version__, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
                          device=str(dev)),
     )

@@ -14,7 +14,7 @@ import yaml
 
 from .algorithms import available_algorithms, get_algorithm
 from .config import (SEED, AlgorithmConfig, CalibrationConfig, ConfigError, GaqBaseConfig, QuantConfig, SamplerConfig,
-                     at_least, from_dict)
+                     at_least, from_dict, within)
 from .utils.errors import one_line
 from .utils.inputs import check_input
 
@@ -27,6 +27,10 @@ class ReportConfig(GaqBaseConfig):
     grid: int = field(default=16, metadata=at_least(1))          # images in samples.png, per model
     seed: int = field(default=1234, metadata=SEED)
     batch_size: int = field(default=64, metadata=at_least(1))
+    # per-layer sensitivity (evaluation/sensitivity.py): each layer's share of the error and a keep_fp suggestion
+    sensitivity: bool = True
+    sensitivity_rows: int = field(default=16, metadata=at_least(1))          # held-out calls it measures on
+    sensitivity_target: float = field(default=0.01, metadata=within(0, 1, True, False))  # relative error the suggestion aims at
 
 
 @dataclass

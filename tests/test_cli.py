@@ -27,6 +27,11 @@ def test_quantize_end_to_end_writes_a_reloadable_folder(write_recipe, tmp_path):
     assert m["noise_mse"] > 0 and m["sample_mse_vs_fp"] > 0 and len(m["noise_mse_per_group"]) == 5
     assert {"capture", "calibration", "total"} <= set(rep["timings"])
     assert rep["timings"]["total"] >= rep["timings"]["capture"] + rep["timings"]["calibration"]
+    sens = rep["sensitivity"]  # one row per quantized layer and attention module, largest share first
+    assert len(sens["layers"]) == len(rep["layers"]["wrapped"]) + len(rep["layers"]["attention"])
+    shares = [s["share"] for s in sens["layers"]]
+    assert shares == sorted(shares, reverse=True) and sens["error"] > 0
+    assert sens["reached"] == (sens["error_with_suggestion"] <= sens["target"])
 
     # reload: same noise predictions as the model that was measured, and same noise_mse
     model, sched, r = load_quantized(str(out))
@@ -44,6 +49,7 @@ def test_set_override_changes_bits(write_recipe, tmp_path):
     assert main(["quantize", write_recipe(), "--out", str(out), "--quiet", "--set", "quantization.w_bits=8", "--set", "quantization.a_bits=32"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert (rep["w_bits"], rep["a_bits"]) == (8, 32)
+    assert all(s["act_alone"] is None and s["weight_alone"] is not None for s in rep["sensitivity"]["layers"])
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -94,7 +94,7 @@ def _switches(model: nn.Module) -> list[_Switch]:
                 out.append(_Switch(name, m, "use_weight_quant"))
             if m.act_quantizers[0].enabled:
                 out.append(_Switch(name, m, "use_act_quant"))
-        elif isinstance(getattr(m, "processor", None), QuantAttnProcessor):
+        elif isinstance(getattr(m, "processor", None), QuantAttnProcessor) and any(q.enabled for q in m.processor.quantizers.values()):
             out.append(_Switch(name, m.processor, "use_act_quant"))
     return out
 

@@ -220,7 +220,7 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
         write_quantized(unet, tmp, sched_cfg, recipe)
         unet.gaq_info.stats.write_files(tmp)  # an algorithm's own files (gradient_aligned's weights and figures)
         n = min(rep.grid, rep.num_samples)
-        save_grid(os.path.join(tmp, "samples.png"), side_by_side(grid(to_uint8(fp_imgs[:n])), grid(to_uint8(q_imgs[:n]))))
+        save_grid(os.path.join(tmp, "samples.png"), side_by_side(grid(to_uint8(fp_imgs[:n])), grid(to_uint8(q_imgs[:n])), labels=("FP", "quantized")))
         timings["total"] = time.perf_counter() - t_start
         report["timings"] = timings
         write_json(os.path.join(tmp, "report.json"), report)

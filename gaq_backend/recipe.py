@@ -186,6 +186,12 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
     for o in overrides or []:
         set_override(data, o)
     data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    cal = data.get("calibration")
+    prompts = cal.get("prompts") if isinstance(cal, dict) else None
+    if isinstance(prompts, str) and prompts and not os.path.isabs(prompts):
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), prompts)
+        if os.path.isfile(beside):  # a prompt file next to the recipe travels with it; else the working directory's
+            cal["prompts"] = beside
     return recipe_from_dict(data)
 
 

@@ -23,8 +23,9 @@ def make_scheduler(scheduler_config: dict, sampler: SamplerConfig):
 def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Noise prediction of a diffusers UNet for a batch of inputs with one timestep each. ``cond`` holds
     the other forward inputs by name, nested ones (``added_cond_kwargs``) as ``"added_cond_kwargs.text_embeds"``."""
-    device = unet.conv_in.weight.device  # calibration data lives on the host; the model may not
-    dtype = unet.conv_in.weight.dtype    # and may be stored in another precision (calibration.storage_dtype)
+    weight = first_weight(unet)
+    device = weight.device  # calibration data lives on the host; the model may not
+    dtype = weight.dtype    # and may be stored in another precision (calibration.storage_dtype)
     kwargs: dict = {}
     for k, v in (cond or {}).items():
         head, _, tail = k.partition(".")
@@ -36,9 +37,18 @@ def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
     return unet(x.to(device, dtype), t.to(device), **kwargs).sample
 
 
+def first_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The weight of the model's first Conv2d / Linear: its device and the dtype it computes in (a quantized
+    model's scales are float32). Not ``conv_in``: a denoiser need not have one."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            return m.weight
+    raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer")
+
+
 def model_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype the UNet computes in (its first convolution's weight; a quantized model's scales are float32)."""
-    return model.conv_in.weight.dtype
+    """The dtype the UNet computes in."""
+    return first_weight(model).dtype
 
 
 def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -166,3 +166,15 @@ def test_sample_elsewhere_then_score_from_images(write_recipe, tmp_path, digits,
     (out / "eval.json").unlink()
     assert main(["eval", *common, "--reference", str(ref), "--from-images"]) != 0
     assert "not an output folder of gaq" in capsys.readouterr().err and not (out / "eval.json").exists()
+
+
+def test_side_by_side_labels_each_grid():
+    import numpy as np
+
+    from gaq_backend.evaluation.images import side_by_side
+
+    a = np.full((20, 30, 1), 255, np.uint8)
+    plain, named = side_by_side(a, a), side_by_side(a, a, labels=("FP", "quantized"))
+    assert named.shape == (plain.shape[0] + 12, plain.shape[1], 1)
+    assert (named[:12, :30] < 128).any() and (named[:12, 38:] < 128).any()  # text over each grid
+    assert (named[12:] == plain).all()

@@ -74,3 +74,15 @@ def test_presets():
     assert preset("w4a32").a_bits == 32
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("W3A3")
+
+
+def test_relative_prompts_file_is_found_beside_the_recipe(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "prompts.txt").write_text("a red cat\n")
+    (folder / "r.yaml").write_text("model: embedded\nalgorithm: minmax\ncalibration: {prompts: prompts.txt}\n")
+    monkeypatch.chdir(tmp_path)  # not the recipe's folder
+    assert load_recipe("recipes/r.yaml").calibration.prompts == str(folder / "prompts.txt")
+    (tmp_path / "here.txt").write_text("the blue sea\n")  # only in the working directory: used as given
+    (folder / "r2.yaml").write_text("model: embedded\nalgorithm: minmax\ncalibration: {prompts: here.txt}\n")
+    assert load_recipe("recipes/r2.yaml").calibration.prompts == "here.txt"

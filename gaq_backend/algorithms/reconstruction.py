@@ -152,7 +152,8 @@ WeightFn = Callable[[ReconUnit, BlockData, torch.Tensor], torch.Tensor | None]
 def init_ranges(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: ReconstructionConfig, progress: bool) -> None:
     fit_weights(model, cfg.weight_range)
     if config.a_bits < 32:
-        fit_activations(model, calib.train, MinMaxConfig(act_range=cfg.act_range, percentile=cfg.percentile,
+        # one range per quantizer: reconstruction learns the step size itself (a timestep table would bypass it)
+        fit_activations(model, calib.train, MinMaxConfig(act_range=cfg.act_range, percentile=cfg.percentile, timestep_ranges="global",
                                                          batch_size=cfg.cache_batch_size), progress)
 
 

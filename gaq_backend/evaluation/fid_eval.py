@@ -15,7 +15,7 @@ import torch
 
 from ..calibration import model_fingerprint
 from ..config import SamplerConfig
-from ..sampling import ddim_sample, initial_noise
+from ..sampling import ddim_sample, first_weight, initial_noise
 from ..utils.cache import prepare_cache_dir, read_entry, write_entry
 from ..utils.inputs import check_input, reading
 from ..utils.io import check_files_in_output, output_file_in, write_json
@@ -122,7 +122,7 @@ def _about(recipe, num_samples: int, seed: int, sampler: SamplerConfig) -> dict[
 
 def _samples_key(unet, sampler: SamplerConfig, n: int, seed: int) -> str:
     """Names FP samples in the cache: model, sampler, count, seed and (a GPU's floats differ) device type."""
-    device = unet.conv_in.weight.device.type
+    device = first_weight(unet).device.type
     return (f"{model_fingerprint(unet)}-{sampler.num_inference_steps}-{sampler.eta}-{n}-{seed}-f{FORMAT}"
             + ("" if device == "cpu" else f"-{device}"))
 
@@ -227,7 +227,7 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
     if fp_imgs is None:  # FP features came from the cache: re-sample just the grid's images
         fp_imgs = ddim_sample(fp_model, sched_cfg, sampler, initial_noise(num_samples, (c, s, s), seed)[:n], batch, progress=False, seed=seed)
     with output_file_in(folder, "eval-samples.png") as tmp:
-        save_grid(tmp, side_by_side(grid(to_uint8(fp_imgs[:n])), grid(to_uint8(q_imgs[:n]))))
+        save_grid(tmp, side_by_side(grid(to_uint8(fp_imgs[:n])), grid(to_uint8(q_imgs[:n])), labels=("FP", "quantized")))
     with output_file_in(folder, "eval.json") as tmp:
         write_json(tmp, result)
     return result

@@ -32,7 +32,20 @@ def grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
     return out
 
 
-def side_by_side(*grids: np.ndarray, gap: int = 8) -> np.ndarray:
+def labelled(image: np.ndarray, text: str, height: int = 12) -> np.ndarray:
+    """``image`` under a white strip with ``text`` in black (PIL's built-in bitmap font)."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("L", (image.shape[1], height), 255)
+    ImageDraw.Draw(strip).text((2, 0), text, fill=0)
+    top = np.repeat(np.asarray(strip)[..., None], image.shape[2], axis=2)
+    return np.concatenate([top, image], axis=0)
+
+
+def side_by_side(*grids: np.ndarray, gap: int = 8, labels: tuple[str, ...] = ()) -> np.ndarray:
+    """The grids left to right, each under its label when ``labels`` are given (e.g. "FP", "quantized")."""
+    if labels:
+        grids = tuple(labelled(g, t) for g, t in zip(grids, labels))
     h = max(g.shape[0] for g in grids)
     parts = []
     for i, g in enumerate(grids):

@@ -44,3 +44,50 @@ class PercentileObserver:
         if not self.los:
             raise RuntimeError("observer saw no data")
         return torch.stack(self.los).mean(), torch.stack(self.his).mean()
+
+
+class TimestepMinMaxObserver:
+    """Min and max per timestep, read from the UNet call's timesteps (``timestep.install_timestep_hook``), beside
+    the running :class:`MinMaxObserver` of everything. ``usable`` turns False when an input's rows are not the
+    call's batch rows (the attention operands are batch x heads), where one range per row's timestep has no meaning."""
+
+    def __init__(self) -> None:
+        self.all = MinMaxObserver()
+        self.per_t: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.usable = True
+
+    def __call__(self, x: torch.Tensor) -> None:
+        from .timestep import current_timestep_tensor
+
+        self.all(x)
+        t = current_timestep_tensor()
+        t = t.expand(x.shape[0]) if t.numel() == 1 else t
+        if not self.usable or t.numel() != x.shape[0]:
+            self.usable = False
+            return
+        rows = x.detach().flatten(1)
+        lo, hi = rows.amin(1), rows.amax(1)
+        for v in t.unique():
+            m = t == v
+            key = float(v)
+            l, h = lo[m].min(), hi[m].max()
+            old = self.per_t.get(key)
+            self.per_t[key] = (l, h) if old is None else (torch.minimum(old[0], l), torch.maximum(old[1], h))
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.all.range()
+
+    def table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(timesteps, lo, hi), one entry per timestep seen, in increasing t."""
+        ts = sorted(self.per_t)
+        return (torch.tensor(ts), torch.stack([self.per_t[k][0] for k in ts]), torch.stack([self.per_t[k][1] for k in ts]))
+
+    def spread(self) -> float:
+        """How much wider the range over all timesteps is than the median timestep's: the resolution a typical
+        timestep loses to one range for all."""
+        if not self.usable or len(self.per_t) < 2:
+            return 1.0
+        _, lo, hi = self.table()
+        lo_all, hi_all = self.all.range()
+        width = (hi - lo).float()
+        return float((hi_all - lo_all).float() / width.median().clamp_min(1e-12))

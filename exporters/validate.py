@@ -137,7 +137,7 @@ def validate(model: onnx.ModelProto | str, unet: nn.Module, x: torch.Tensor, t: 
     res.pop("reference")  # arrays, not a figure of the report
     if over:
         raise ParityError(f"{res['runtime']} differs from the PyTorch fake-quant model by more than the bound, in output INT8 "
-                          f"steps ({'; '.join(over)}); nothing was written")
+                          f"steps ({'; '.join(over)}); nothing was written (gaq export DIR --diagnose names the module where they part)")
     return res
 
 

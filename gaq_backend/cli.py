@@ -65,6 +65,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from exporters.onnx_export import export_quantized
 
     check_input(args.dir, "DIR", "folder")
+    if not args.out and not args.diagnose:
+        raise ValueError("gaq export needs --out (the .onnx file to write), or --diagnose to locate a parity failure without writing")
+    if args.diagnose:
+        from exporters.parity_debug import diagnose_folder
+
+        print(diagnose_folder(args.dir, args.weights, args.opset))
+        return 0
     if args.optimum_from:
         from exporters.optimum_layout import export_into_optimum
 
@@ -251,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", parents=[common, overwrite], help="export a quantized folder to ONNX with Q/DQ nodes")
     x.add_argument("dir", help="output folder of gaq quantize")
-    x.add_argument("--out", required=True, help="the .onnx file to write (with --optimum-from: the new pipeline folder)")
+    x.add_argument("--out", help="the .onnx file to write (with --optimum-from: the new pipeline folder); required unless --diagnose")
     x.add_argument("--optimum-from", metavar="OPTIMUM_DIR",
                    help="an Optimum ONNX pipeline folder (optimum-cli export onnx): copy it to --out with this UNet in unet/")
     x.add_argument("--weights", choices=["int8", "int4"], default="int8",
@@ -261,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--external-data", action="store_true", help="store weights in OUT.data (automatic above 1 GiB)")
     x.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime",
                    help="the runtime of the parity check (on the CPU; OpenVINO at its f32 precision hint)")
+    x.add_argument("--diagnose", action="store_true",
+                   help="write nothing: compare every module's output in onnxruntime and PyTorch on a held-out input and "
+                        "name the first that diverges (exporters/parity_debug.py)")
     x.add_argument("--quiet", action="store_true")
     x.set_defaults(func=_cmd_export)
 

@@ -25,9 +25,10 @@ class MinMaxConfig(AlgorithmConfig):
     percentile: float = field(default=99.99, metadata=within(50, 100, lo_open=True))  # used when act_range is "percentile"
     # one activation range for all timesteps ("global"), one per sampler timestep for every conv/linear input
     # ("per_timestep", TFMQ-DM's finite-set calibration applied to all layers), or per timestep only where the
-    # range over all timesteps is more than ``timestep_spread`` times the median timestep's ("auto"; with
+    # range over all timesteps is more than ``timestep_spread`` times the narrowest timestep's ("auto"; with
     # act_range percentile, auto is global). Auto is gaq's extension beyond naive PTQ: on 60 generated UNets it
-    # never lost against global and took the worst W8A8 error from 5.7% to 0.5% (docs/real-models.md)
+    # never lost against global beyond run-to-run noise and took the worst W8A8 error from 5.7% to 0.5%
+    # (docs/real-models.md)
     timestep_ranges: Literal["global", "per_timestep", "auto"] = "auto"
     timestep_spread: float = field(default=8.0, metadata=at_least(1))
     batch_size: int = field(default=64, metadata=at_least(1))

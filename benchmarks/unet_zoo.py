@@ -27,13 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from unet_zoo import FAMILIES, generate, run_case  # noqa: E402
-
-CYCLE = (("minmax", 4, 8, "int4"), ("uniform", 4, 8, "int4"), ("uniform", 8, 8, "int8"))
-
-
-def configs_for(seed: int) -> list[tuple[str, int, int, str]]:
-    return [("minmax", 8, 8, "int8"), CYCLE[seed % len(CYCLE)]]
+from unet_zoo import CYCLE, FAMILIES, configs_for, generate, run_case  # noqa: E402
 
 
 def run_seed(seed: int) -> list[dict]:

@@ -210,6 +210,16 @@ def relative_error(model: torch.nn.Module, calls) -> float:
     return num / max(den, 1e-30)
 
 
+# What a seed runs (the test sample and the benchmark): W8A8 minmax with the int8 export, and one more config
+# cycling over the seed through the other algorithm, bit width and export form.
+CYCLE = (("minmax", 4, 8, "int4"), ("uniform", 4, 8, "int4"), ("uniform", 8, 8, "int8"))
+
+
+def configs_for(seed: int) -> list[tuple[str, int, int, str]]:
+    """(algorithm, w_bits, a_bits, export form) of each config the zoo runs for ``seed``."""
+    return [("minmax", 8, 8, "int8"), CYCLE[seed % len(CYCLE)]]
+
+
 def quant_config(algorithm: str, w_bits: int, a_bits: int):
     import gaq_backend as gaq
 

@@ -104,7 +104,7 @@ def _float_weights_in(model: nn.Module, fp: dict[str, torch.Tensor]) -> Iterator
     """Each quantized layer's float weight replaced by its FP weight (the quantized one comes from its integer
     codes), and every switch restored on exit."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)]
-    missing = [n for n, _ in layers if n not in fp or fp[n].shape != _.weight.shape]
+    missing = [n for n, m in layers if n not in fp or fp[n].shape != m.weight.shape]
     if missing:
         raise ValueError(f"the FP weights do not match the quantized model at {missing[0]} "
                          f"(and {len(missing) - 1} more); take them with float_weights(model) before quantize")

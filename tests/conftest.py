@@ -30,7 +30,8 @@ def tiny_recipe(model_dir: str, cache_dir: str, **overrides) -> dict:
         calibration=dict(n_per_step=8, interval=2, n_groups=5, val_fraction=0.25, cache_dir=cache_dir, batch_size=8),
         quantization=dict(w_bits=4, a_bits=8),
         settings=dict(batch_size=16),
-        report=dict(num_samples=4, grid=4, batch_size=4),
+        # the sensitivity report is measured where a test asks for it (tests/test_cli.py): it is most of a tiny run's time
+        report=dict(num_samples=4, grid=4, batch_size=4, sensitivity=False),
     )
     for k, v in overrides.items():
         recipe[k] = v

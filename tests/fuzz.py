@@ -74,7 +74,7 @@ class Env:
                                      cache_dir=os.path.join(self.root, "cache")),
                     quantization=dict(w_bits=4, a_bits=8),
                     settings=dict(batch_size=16),
-                    report=dict(num_samples=2, grid=2, batch_size=2))
+                    report=dict(num_samples=2, grid=2, batch_size=2, sensitivity=False))
 
     def out_choices(self) -> list[str]:
         r = self.root

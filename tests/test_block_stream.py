@@ -138,7 +138,7 @@ def test_dry_run_estimate_matches_the_plan_of_the_real_run(tmp_path):
                                    guidance_scale=5.0, cache_dir=str(tmp_path / "cache")),
                   quantization=dict(w_bits=4, a_bits=8, keep_fp=["conv_in", "conv_out"]),
                   settings=dict(iters=2, act_iters=2, batch_size=4),
-                  report=dict(num_samples=2, grid=2, batch_size=2))
+                  report=dict(num_samples=2, grid=2, batch_size=2, sensitivity=False))
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     r = load_recipe(str(tmp_path / "r.yaml"))
     lines = []

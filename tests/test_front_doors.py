@@ -296,6 +296,7 @@ def test_cli_quantizes_a_stable_diffusion_pipeline_folder_and_exports_from_the_f
     rep = json.loads((out / "report.json").read_text())
     assert rep["calibration"]["n_steps"] == 3 and rep["calibration"]["n_train"] + rep["calibration"]["n_val"] == 3 * 8  # CFG rows
     assert 0 < rep["metrics"]["noise_mse"] and 0 <= rep["metrics"]["sample_mse_vs_fp"] < 0.5
+    assert len(rep["sensitivity"]["layers"]) == len(rep["layers"]["wrapped"]) + len(rep["layers"]["attention"])  # text-conditioned calls
     loaded, sched, _ = gaq.load_quantized(str(out))
     assert type(loaded).__name__ == "UNet2DConditionModel" and sched["_class_name"] == "EulerDiscreteScheduler"
     assert loaded.gaq_info.held_out.t.dtype == torch.float32  # Euler's float timesteps, kept
@@ -322,7 +323,7 @@ def test_cli_quantizes_a_class_conditional_unet_folder_with_the_recipes_labels(t
                   calibration=dict(n_per_step=6, interval=2, n_groups=3, val_fraction=0.25, batch_size=6, class_labels=[3, 7],
                                    cache_dir=str(tmp_path / "cache")),
                   quantization=dict(w_bits=8, a_bits=8, keep_fp=["conv_in", "conv_out"]), settings=dict(iters=4, act_iters=4, batch_size=8),
-                  report=dict(num_samples=2, grid=2, batch_size=2))
+                  report=dict(num_samples=2, grid=2, batch_size=2, sensitivity=False))
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
     assert main(["quantize", str(tmp_path / "r.yaml"), "--out", str(out), "--quiet"]) == 0

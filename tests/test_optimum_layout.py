@@ -33,7 +33,7 @@ def pipeline_and_quantized(tmp_path_factory):
     recipe = dict(model=pipe_dir, algorithm="minmax", sampler=dict(kind="pipeline", num_inference_steps=4),
                   calibration=dict(n_per_step=4, interval=2, n_groups=2, val_fraction=0.25, batch_size=4, prompts=str(root / "prompts.txt"),
                                    guidance_scale=5.0, cache_dir=str(root / "cache")),
-                  quantization=dict(w_bits=8, a_bits=8, keep_fp=["conv_in", "conv_out"]), report=dict(num_samples=1, grid=1, batch_size=1))
+                  quantization=dict(w_bits=8, a_bits=8, keep_fp=["conv_in", "conv_out"]), report=dict(num_samples=1, grid=1, batch_size=1, sensitivity=False))
     (root / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["quantize", str(root / "r.yaml"), "--out", str(root / "q"), "--quiet"]) == 0
     # an Optimum-shaped folder, as optimum-cli export onnx --task text-to-image writes it

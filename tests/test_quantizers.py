@@ -162,3 +162,39 @@ def test_fake_quant_equals_the_autograd_formula_in_value_and_gradients(per_chann
     assert torch.allclose(h_got, h_want)
     half = fake_quant(x.detach().half(), scale.detach().float(), zero.detach().float(), -8, 7)
     assert half.dtype == torch.float16
+
+
+def test_timestep_observer_tables_and_spread():
+    import torch
+
+    from gaq_backend.quantizers.observers import TimestepMinMaxObserver
+    from gaq_backend.quantizers.timestep import current_timesteps
+
+    ob = TimestepMinMaxObserver()
+    x = torch.tensor([[1.0, -1.0], [100.0, -50.0], [2.0, 0.0]])
+    with current_timesteps(torch.tensor([10.0, 900.0, 10.0])):
+        ob(x)
+    t, lo, hi = ob.table()
+    assert t.tolist() == [10.0, 900.0] and lo.tolist() == [-1.0, -50.0] and hi.tolist() == [2.0, 100.0]
+    assert ob.range() == (torch.tensor(-50.0), torch.tensor(100.0))
+    assert ob.spread() == 150.0 / 3.0   # the range over all timesteps against the narrowest timestep's
+    with current_timesteps(torch.tensor([10.0, 900.0])):
+        ob(torch.ones(4, 2))   # rows that are not the call's batch (attention operands: batch x heads)
+    assert not ob.usable and ob.spread() == 1.0
+
+
+def test_auto_timestep_ranges_go_where_the_range_varies():
+    from unet_zoo import build_unet, generate, quant_config, sampling_loop
+
+    import gaq_backend as gaq
+
+    case = generate(19)
+    tables = {}
+    for mode in ("global", "auto", "per_timestep"):
+        config = quant_config("minmax", 8, 8)
+        config.algorithm = gaq.MinMaxConfig(timestep_ranges=mode)
+        q = gaq.quantize(build_unet(case), config, forward_loop=sampling_loop(case, 0), progress=False)
+        tables[mode] = {n for n, m in q.named_modules() if getattr(m, "timestep_ranges", None) is not None}
+    assert not tables["global"] and tables["auto"] and tables["auto"] < tables["per_timestep"]
+    assert "down_blocks.0.downsamplers.0.conv.act_quantizers.0" in tables["auto"]   # the layer the report names
+    assert not any(".processor." in n for n in tables["per_timestep"])

@@ -5,8 +5,9 @@ with quantized matmuls one (its four operand quantizers); with the FP weights sw
 switch turns one source of error on or off without touching the calibrated state. On held-out calls
 the report measures, per layer, the relative error of the noise prediction against the FP model's
 
-- with only that layer's weights quantized (``weight_alone``) and only its inputs (``act_alone``);
 - with everything quantized except that layer (``all_but``): ``1 - all_but / error`` is its share;
+- for the layers with the largest shares, with only their weights quantized (``weight_alone``) and only
+  their inputs (``act_alone``): which of the two carries the share;
 
 and then a ``keep_fp`` suggestion: layers are kept in FP one at a time, largest share first, until the
 measured error (with exactly the layers those ``keep_fp`` entries match) reaches the target. ModelOpt
@@ -35,8 +36,10 @@ from ..wrapping.wrap import is_kept
 class LayerSensitivity:
     name: str
     kind: str                    # conv, linear or attention (the four matmul operands of an Attention module)
-    weight_alone: float | None   # relative error with only this layer's weights quantized (None: no weight quantizer)
-    act_alone: float | None      # ... with only its inputs quantized (None: activations are not quantized)
+    # relative error with only this layer's weights (inputs) quantized; measured for the ``detail`` largest
+    # shares (None otherwise, or where the layer has no such quantizer)
+    weight_alone: float | None
+    act_alone: float | None
     all_but: float               # ... with everything quantized except this layer
     share: float = 0.0           # 1 - all_but / error: the part of the full error that keeping it in FP removes
 
@@ -126,11 +129,13 @@ def _float_weights_in(model: nn.Module, fp: dict[str, torch.Tensor]) -> Iterator
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, fp_weights: dict[str, torch.Tensor] | nn.Module, data: CalibrationSet | None = None,
                       target: float = 0.01, rows: int = 16, batch_size: int = 16, max_keep: int = 16,
-                      progress: bool = True) -> SensitivityReport:
+                      detail: int = 10, progress: bool = True) -> SensitivityReport:
     """Measure each quantized layer's part of the output error (see the module docstring).
 
     ``fp_weights``: :func:`float_weights` of the model taken before ``quantize``, or the FP model itself.
-    ``data``: held-out calls; default ``model.gaq_info.held_out``. ``rows`` of them, spread over the timesteps."""
+    ``data``: held-out calls; default ``model.gaq_info.held_out``. ``rows`` of them, spread over the timesteps.
+    Costs one forward pass of ``rows`` per layer, two more for each of the ``detail`` largest shares, and one
+    per ``keep_fp`` entry tried."""
     if isinstance(fp_weights, nn.Module):
         fp_weights = float_weights(fp_weights)
     if data is None:
@@ -156,14 +161,17 @@ def layer_sensitivity(model: nn.Module, fp_weights: dict[str, torch.Tensor] | nn
         error = error_of(lambda s: True)
         layers = []
         for unit in tqdm(units, desc="sensitivity", unit="layer", disable=not progress, leave=False):
-            mine = {s.attr for s in switches if s.unit == unit}
-            w = error_of(lambda s: s.unit == unit and s.attr == "use_weight_quant") if "use_weight_quant" in mine else None
-            a = error_of(lambda s: s.unit == unit and s.attr == "use_act_quant") if "use_act_quant" in mine else None
-            all_but = error_of(lambda s: s.unit != unit)
             module = next(s.module for s in switches if s.unit == unit)
             kind = "attention" if isinstance(module, QuantAttnProcessor) else "conv" if isinstance(module, nn.Conv2d) else "linear"
-            layers.append(LayerSensitivity(unit, kind, w, a, all_but, 1 - all_but / error if error > 0 else 0.0))
+            all_but = error_of(lambda s: s.unit != unit)
+            layers.append(LayerSensitivity(unit, kind, None, None, all_but, 1 - all_but / error if error > 0 else 0.0))
         layers.sort(key=lambda s: -s.share)
+        for s in layers[:detail]:  # what the table shows: which of its quantizers carries the share
+            mine = {sw.attr for sw in switches if sw.unit == s.name}
+            if "use_weight_quant" in mine:
+                s.weight_alone = error_of(lambda sw: sw.unit == s.name and sw.attr == "use_weight_quant")
+            if "use_act_quant" in mine:
+                s.act_alone = error_of(lambda sw: sw.unit == s.name and sw.attr == "use_act_quant")
         keep: list[str] = []
         kept_error = error
         for s in layers[:max_keep]:

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from unet_zoo import ZooCase, build_unet, generate, held_out_calls, relative_error, sampling_loop  # noqa: E402
+from unet_zoo import ZooCase, build_unet, generate, relative_error, sampling_loop  # noqa: E402
 
 README = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -39,8 +39,49 @@ LDM = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16
            down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
 TEXT = dict(text_len=5, text_dim=16)
+
+
+class ReadmeExample(ZooCase):
+    """The README's "Quantize your own pipeline" UNet with the README's own loop (Euler with diffusers' default
+    linear betas, fixed text embeddings, CFG 7.5 on the doubled batch), not the zoo's."""
+
+    def loop(self, noise_seed: int):
+        import torch
+        from diffusers import EulerDiscreteScheduler
+
+        text = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(1))
+
+        def my_loop(unet):
+            sched = EulerDiscreteScheduler(num_train_timesteps=1000)
+            sched.set_timesteps(10)
+            x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(noise_seed)) * sched.init_noise_sigma
+            with torch.no_grad():
+                for t in sched.timesteps:
+                    u, c = unet(sched.scale_model_input(torch.cat([x, x]), t), t,
+                                encoder_hidden_states=torch.cat([torch.zeros_like(text), text])).sample.chunk(2)
+                    x = sched.step(u + 7.5 * (c - u), t, x).prev_sample
+        return my_loop
+
+
+def loop_of(case: ZooCase, noise_seed: int):
+    return case.loop(noise_seed) if isinstance(case, ReadmeExample) else sampling_loop(case, noise_seed)
+
+
+def held_out(case: ZooCase, noise_seed: int = 1000) -> list:
+    """(args, kwargs, FP output) of every call of the case's loop on the FP model, with other noise."""
+    fp, calls = build_unet(case), []
+    h = fp.register_forward_hook(lambda m, a, kw, out: calls.append((a, dict(kw), out.sample.clone())), with_kwargs=True)
+    try:
+        loop_of(case, noise_seed)(fp)
+    finally:
+        h.remove()
+    return calls
+
+
 CASES = {
-    "README's example (SD-like), Euler CFG 7.5": ZooCase(0, "text-conditional", "UNet2DConditionModel", README,
+    "README's example with its own loop (Euler CFG 7.5)": ReadmeExample(0, "text-conditional", "UNet2DConditionModel", README,
+                                                                       "EulerDiscreteScheduler", 10, 7.5, {}),
+    "README's example, the zoo's Euler CFG 7.5 loop": ZooCase(0, "text-conditional", "UNet2DConditionModel", README,
                                                         "EulerDiscreteScheduler", 10, 7.5, dict(text_len=5, text_dim=12)),
     "SD-like, cross-attention down and up, Euler CFG 7.5": ZooCase(1, "text-conditional", "UNet2DConditionModel", SD,
                                                                   "EulerDiscreteScheduler", 10, 7.5, TEXT),
@@ -59,13 +100,13 @@ def measure(name: str, case: ZooCase) -> dict:
     import gaq_backend as gaq
     from exporters.onnx_export import export_quantized
 
-    calls = held_out_calls(case, build_unet(case))
+    calls = held_out(case)
     row: dict = dict(unet=name, case=case.describe())
     for mode in ("global", "auto"):
         config = gaq.QuantConfig(w_bits=8, a_bits=8, algorithm=gaq.MinMaxConfig(timestep_ranges=mode))
         unet = build_unet(case)
         fp = gaq.float_weights(unet)
-        q = gaq.quantize(unet, config, forward_loop=sampling_loop(case, 0), progress=False)
+        q = gaq.quantize(unet, config, forward_loop=loop_of(case, 2), progress=False)
         row[mode] = relative_error(q, calls)
         row[f"{mode}_tables"] = sum(getattr(m, "timestep_ranges", None) is not None for m in q.modules())
         if mode == "global":

@@ -103,7 +103,8 @@ def measure(name: str, case: ZooCase) -> dict:
     calls = held_out(case)
     row: dict = dict(unet=name, case=case.describe())
     for mode in ("global", "auto"):
-        config = gaq.QuantConfig(w_bits=8, a_bits=8, algorithm=gaq.MinMaxConfig(timestep_ranges=mode))
+        config = gaq.QuantConfig(w_bits=8, a_bits=8, algorithm=gaq.MinMaxConfig(timestep_ranges=mode),
+                                 calibration=gaq.CalibrationConfig(n_groups=min(5, case.steps)))  # the default 5, or one per step
         unet = build_unet(case)
         fp = gaq.float_weights(unet)
         q = gaq.quantize(unet, config, forward_loop=loop_of(case, 2), progress=False)
@@ -123,11 +124,14 @@ def measure(name: str, case: ZooCase) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--only", default="", help="only the UNets whose name contains this")
     args = ap.parse_args()
     rows = []
     print("| UNet (tiny, random) | global | auto (tables) | global's top layer (share) | auto int8 parity mean / max steps |")
     print("|---|---|---|---|---|")
     for name, case in CASES.items():
+        if args.only not in name:
+            continue
         r = measure(name, case)
         rows.append(r)
         top, par = r["global_top_layer"], r["auto_parity"]

@@ -80,7 +80,8 @@ class TimestepMinMaxObserver:
     def table(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(timesteps, lo, hi), one entry per timestep seen, in increasing t."""
         ts = sorted(self.per_t)
-        return (torch.tensor(ts), torch.stack([self.per_t[k][0] for k in ts]), torch.stack([self.per_t[k][1] for k in ts]))
+        lo, hi = torch.stack([self.per_t[k][0] for k in ts]), torch.stack([self.per_t[k][1] for k in ts])
+        return torch.tensor(ts, device=lo.device), lo, hi  # on the data's device (tests/test_device.py)
 
     def spread(self) -> float:
         """How much wider the range over all timesteps is than the narrowest timestep's: the resolution the worst

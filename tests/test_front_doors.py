@@ -228,9 +228,14 @@ def test_readme_quantize_your_own_pipeline_runs(tmp_path, monkeypatch):
     section = readme[readme.index("### Quantize your own pipeline"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    scope = {"__name__": "readme"}
+    exec(compile(code, "README.md", "exec"), scope)
     loaded, _, recipe = gaq.load_quantized(str(tmp_path / "out" / "my-unet"))
     assert type(loaded).__name__ == "UNet2DConditionModel" and recipe.algorithm == "uniform"
+    # the sensitivity example runs on the same names
+    sens = readme[readme.index("### Per-layer sensitivity and timestep ranges"):]
+    exec(compile(re.search(r"```python\n(.*?)```", sens, re.S).group(1), "README.md", "exec"), scope)
+    assert scope["rep"].layers and scope["rep"].rows > 0
 
 
 @pytest.mark.parametrize("kind,inputs", [

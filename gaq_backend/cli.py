@@ -90,9 +90,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"mean {p['mean_steps']:.3f}, p99 {p['p99_steps']:.2f}, max {p['max_steps']:.2f}; torch float64 vs float32: "
           f"mean {p['float64_vs_float32']['mean_steps']:.3f}, max {p['float64_vs_float32']['max_steps']:.2f}; "
           f"bounds: mean {b['mean_steps']:.3f}, max {b['max_steps']:.2f}")
-    if p.get("checked_against") == "float64":  # exporters/validate.py: two float32 roundings whose flips did not overlap
-        print(f"  over the bound against PyTorch float32 ({'; '.join(p['over_float32'])}), within it against the float64 "
-              f"computation: mean {p['vs_float64']['mean_steps']:.3f}, max {p['vs_float64']['max_steps']:.2f}")
     print(f"wrote {os.path.abspath(args.out) if args.optimum_from else res.path}")
     from exporters.validate import int8_kernel_warning
 

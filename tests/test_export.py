@@ -248,8 +248,7 @@ def test_int8_kernels_that_deviate_are_told_apart_from_a_wrong_graph(w4a8_dir, m
     def fake(*args, config=None, **kw):
         res = real(*args, config=config, **kw)
         if not config or fused_error["unfused"]:  # the fused run (and, in the second case, the unfused one) deviates
-            wrong = res["bounds"]["mean_steps"] + 1.0   # a wrong graph is as far from float64 as from float32
-            res = dict(res, mean_steps=wrong, vs_float64=dict(res["vs_float64"], mean_steps=wrong))
+            res = dict(res, mean_steps=res["bounds"]["mean_steps"] + 1.0)
         return res
     monkeypatch.setattr(validate, "compare_with_torch", fake)
     x, t, cond = validate.held_out_inputs(model, 8)
@@ -290,26 +289,3 @@ def test_external_data_export_loads_and_runs(w4a8_dir, tmp_path):
     assert "unet.down_blocks.1.resnets.0.conv2.qdq_weight0" in external and (tmp_path / "ext.onnx.data").stat().st_size > 0
     onnx.checker.check_model(str(out), full_check=True)
     assert predict_noise(create_session(str(out)), np.zeros((2, 1, 16, 16), np.float32), np.array([5, 900])).shape == (2, 1, 16, 16)
-
-
-def test_flips_that_do_not_overlap_are_checked_against_float64(w4a8_dir, monkeypatch):
-    """Far from PyTorch float32 but no further from the float64 computation than PyTorch float32 is: accepted,
-    recorded as checked against float64; far from both: refused."""
-    model, _, _ = load_quantized(w4a8_dir)
-    real = validate.compare_with_torch
-    far_from_float64 = {"yes": False}
-
-    def fake(*args, **kw):
-        res = real(*args, **kw)
-        res = dict(res, mean_steps=res["bounds"]["mean_steps"] + 1.0)
-        if far_from_float64["yes"]:
-            res["vs_float64"] = dict(res["vs_float64"], mean_steps=res["bounds"]["mean_steps"] + 1.0)
-        return res
-    monkeypatch.setattr(validate, "compare_with_torch", fake)
-    x, t, cond = validate.held_out_inputs(model, 8)
-    onnx_model = build_quantized_onnx(model, "int8", 21, {})
-    res = validate.validate(onnx_model, model, x, t, cond)
-    assert res["checked_against"] == "float64" and res["over_float32"]
-    far_from_float64["yes"] = True
-    with pytest.raises(validate.ParityError, match="mean_steps"):
-        validate.validate(onnx_model, model, x, t, cond)

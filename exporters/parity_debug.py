@@ -20,6 +20,8 @@ import onnx
 import torch
 from torch import nn
 
+from gaq_backend.sampling import unet_forward
+
 from .validate import in_float64
 
 ROOT_SCOPE = "/unet"   # exporters.onnx_export wraps the UNet in UNetGraph, whose attribute is ``unet``
@@ -53,22 +55,11 @@ def _module_outputs(unet: nn.Module, x, t, cond) -> dict[str, np.ndarray]:
              for n, m in unet.named_modules() if n]
     try:
         with torch.no_grad():
-            unet(x, t, **_nest(cond))
+            unet_forward(unet, x, t, cond)
     finally:
         for h in hooks:
             h.remove()
     return {n: o[0].detach().double().numpy() for n, o in outs.items() if len(o) == 1 and isinstance(o[0], torch.Tensor)}
-
-
-def _nest(cond: dict) -> dict:
-    kwargs: dict = {}
-    for k, v in cond.items():
-        head, _, tail = k.partition(".")
-        if tail:
-            kwargs.setdefault(head, {})[tail] = v
-        else:
-            kwargs[k] = v
-    return kwargs
 
 
 def _ort_values(model: onnx.ModelProto, x: torch.Tensor, t: torch.Tensor, cond: dict, wanted: list[str]) -> dict[str, np.ndarray]:
@@ -100,10 +91,9 @@ def diagnose(model: onnx.ModelProto, unet: nn.Module, x: torch.Tensor, t: torch.
     input row (the exported graph takes one timestep per call)."""
     cond = {k: v[:1] for k, v in (cond or {}).items()}
     x, t = x[:1], t.reshape(-1)[:1]
-    x, cond = x.float(), {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
-    t32 = _module_outputs(unet, x, t, cond)
-    cond64 = {k: v.double() if v.is_floating_point() else v for k, v in cond.items()}
-    t64 = _module_outputs(in_float64(unet), x.double(), t.double() if t.is_floating_point() else t, cond64)
+    x, cond = x.float(), {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}  # what onnxruntime is fed
+    t32 = _module_outputs(unet, x, t, cond)   # unet_forward casts the float inputs to each model's dtype
+    t64 = _module_outputs(in_float64(unet), x, t.double() if t.is_floating_point() else t, cond)
     last_node: dict[str, onnx.NodeProto] = {}
     for node in model.graph.node:       # graph order: the last node in a scope produces the module's output
         scope = node.name.rsplit("/", 1)[0]

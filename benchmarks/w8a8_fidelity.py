@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from unet_zoo import ZooCase, build_unet, generate, relative_error, sampling_loop  # noqa: E402
+from unet_zoo import ZooCase, build_unet, generate, held_out_calls, relative_error, sampling_loop  # noqa: E402
 
 README = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -67,17 +67,6 @@ def loop_of(case: ZooCase, noise_seed: int):
     return case.loop(noise_seed) if isinstance(case, ReadmeExample) else sampling_loop(case, noise_seed)
 
 
-def held_out(case: ZooCase, noise_seed: int = 1000) -> list:
-    """(args, kwargs, FP output) of every call of the case's loop on the FP model, with other noise."""
-    fp, calls = build_unet(case), []
-    h = fp.register_forward_hook(lambda m, a, kw, out: calls.append((a, dict(kw), out.sample.clone())), with_kwargs=True)
-    try:
-        loop_of(case, noise_seed)(fp)
-    finally:
-        h.remove()
-    return calls
-
-
 CASES = {
     "README's example with its own loop (Euler CFG 7.5)": ReadmeExample(0, "text-conditional", "UNet2DConditionModel", README,
                                                                        "EulerDiscreteScheduler", 10, 7.5, {}),
@@ -100,7 +89,7 @@ def measure(name: str, case: ZooCase) -> dict:
     import gaq_backend as gaq
     from exporters.onnx_export import export_quantized
 
-    calls = held_out(case)
+    calls = held_out_calls(case, build_unet(case), loop=loop_of(case, 1000))
     row: dict = dict(unet=name, case=case.describe())
     for mode in ("global", "auto"):
         config = gaq.QuantConfig(w_bits=8, a_bits=8, algorithm=gaq.MinMaxConfig(timestep_ranges=mode),

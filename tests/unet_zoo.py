@@ -184,8 +184,9 @@ def sampling_loop(case: ZooCase, noise_seed: int):
     return loop
 
 
-def held_out_calls(case: ZooCase, fp: torch.nn.Module, noise_seed: int = 1000) -> list[tuple[tuple, dict, torch.Tensor]]:
-    """The (args, kwargs, FP output) of every UNet call of the loop run on the FP model with other noise."""
+def held_out_calls(case: ZooCase, fp: torch.nn.Module, noise_seed: int = 1000, loop=None) -> list[tuple[tuple, dict, torch.Tensor]]:
+    """The (args, kwargs, FP output) of every UNet call of the loop (default: the case's ``sampling_loop`` with
+    ``noise_seed``) run on the FP model."""
     calls: list = []
 
     def hook(module, args, kwargs, out):
@@ -193,7 +194,7 @@ def held_out_calls(case: ZooCase, fp: torch.nn.Module, noise_seed: int = 1000) -
 
     h = fp.register_forward_hook(hook, with_kwargs=True)
     try:
-        sampling_loop(case, noise_seed)(fp)
+        (loop or sampling_loop(case, noise_seed))(fp)
     finally:
         h.remove()
     return calls

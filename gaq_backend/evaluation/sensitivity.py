@@ -29,7 +29,7 @@ from ..calibration import CalibrationSet
 from ..sampling import unet_forward
 from ..wrapping import QuantLayerMixin
 from ..wrapping.attention import QuantAttnProcessor
-from ..wrapping.wrap import is_kept
+from ..wrapping.wrap import is_kept, quant_layers
 
 
 @dataclass
@@ -106,7 +106,7 @@ def _switches(model: nn.Module) -> list[_Switch]:
 def _float_weights_in(model: nn.Module, fp: dict[str, torch.Tensor]) -> Iterator[None]:
     """Each quantized layer's float weight replaced by its FP weight (the quantized one comes from its integer
     codes), and every switch restored on exit."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)]
+    layers = quant_layers(model)
     missing = [n for n, m in layers if n not in fp or fp[n].shape != m.weight.shape]
     if missing:
         raise ValueError(f"the FP weights do not match the quantized model at {missing[0]} "

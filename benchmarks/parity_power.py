@@ -1,6 +1,7 @@
 """How much can the export parity bound see? docs/benchmarks.md section 10, "the one refusal".
 
-    python benchmarks/parity_power.py
+    python benchmarks/parity_power.py                      # the table of three cases
+    python benchmarks/parity_power.py --seeds 0:40         # the per-module check over the zoo: false alarms and power
 
 On generated UNets (tests/unet_zoo.py, calibrated as the zoo benchmark does, one torch thread), in mean output
 INT8 steps: onnxruntime vs PyTorch float32 on the faithful graph, PyTorch float64 vs float32 (what the bound
@@ -17,20 +18,73 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+import argparse
+import json
+
 CASES = [(61, "uniform", 4, "int4"), (19, "minmax", 8, "int8"), (0, "minmax", 8, "int8")]
+
+
+def plant_scale_defect(model, which: int, factor: float = 1.05):
+    """A copy of ``model`` with one conv weight's DequantizeLinear scale multiplied by ``factor``; (copy, module scope)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    weight_dq = [n for n in bad.graph.node if n.op_type == "DequantizeLinear" and "/conv" in n.name
+                 and any(i.name == n.input[0] and len(i.dims) == 4 for i in bad.graph.initializer)]
+    node = weight_dq[which % len(weight_dq)]
+    scale = next(i for i in bad.graph.initializer if i.name == node.input[1])
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(factor), scale.name))
+    return bad, node.name.rsplit("/", 1)[0]
+
+
+def zoo_seeds(seeds: range) -> int:
+    """Per (seed, config): the output bound and the per-layer check on the faithful graph and on a planted defect."""
+    import torch
+
+    import gaq_backend as gaq
+    from exporters.onnx_export import build_quantized_onnx
+    from exporters.parity_debug import LAYER_TOL, layer_check
+    from exporters.validate import _over, compare_with_torch, held_out_inputs
+    from unet_zoo import CALIBRATION_SEEDS, build_unet, configs_for, generate, quant_config, sampling_loop
+
+    torch.set_num_threads(1)
+    for seed in seeds:
+        case = generate(seed)
+        loops = [sampling_loop(case, s) for s in CALIBRATION_SEEDS]
+        for algorithm, w, a, form in configs_for(seed):
+            q = gaq.quantize(build_unet(case), quant_config(algorithm, w, a), forward_loop=lambda u: [f(u) for f in loops], progress=False)
+            model = build_quantized_onnx(q, form, 21, {})
+            x, t, cond = held_out_inputs(q, 64)
+            ok = compare_with_torch(model, q, x, t, cond)
+            layers = layer_check(model, q, x, t, cond)
+            bad, scope = plant_scale_defect(model, seed)
+            wrong = compare_with_torch(bad, q, x, t, cond, reference=ok["reference"])
+            over = [r.name for r in layer_check(bad, q, x, t, cond) if r.rel_diff > LAYER_TOL]
+            print(json.dumps(dict(seed=seed, family=case.family, config=f"{algorithm} W{w}A{a} {form}",
+                                  output_ok=not _over(ok), output_mean_steps=ok["mean_steps"], layers=len(layers),
+                                  layer_max_rel=max(r.rel_diff for r in layers), defect=scope,
+                                  defect_output_caught=bool(_over(wrong)), defect_layers_over=over)), flush=True)
+    return 0
 
 
 def main() -> int:
     import numpy as np
-    import onnx
     import torch
-    from onnx import numpy_helper
 
     import gaq_backend as gaq
     from exporters.onnx_export import build_quantized_onnx
     from exporters.validate import _run_torch, compare_with_torch, held_out_inputs
     from unet_zoo import CALIBRATION_SEEDS, build_unet, generate, quant_config, sampling_loop
 
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", help="a:b: run the zoo seeds a..b-1 instead of the table")
+    args = ap.parse_args()
+    if args.seeds:
+        a, b = (int(v) for v in args.seeds.split(":"))
+        return zoo_seeds(range(a, b))
     torch.set_num_threads(1)
     print("| seed | config | onnxruntime vs torch | float64 vs float32 | 1e-6 input noise | 5% scale defect | bound |")
     print("|---|---|---|---|---|---|---|")
@@ -44,16 +98,10 @@ def main() -> int:
         ref, step = ok["reference"][0], ok["output_step"]
         noisy = x * (1 + 1e-6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
         noise = float(np.abs(_run_torch(q, noisy, t, cond, 64) - ref).mean() / step)
-        bad = onnx.ModelProto()
-        bad.CopyFrom(model)
-        weight_dq = [n for n in bad.graph.node if n.op_type == "DequantizeLinear" and "/conv" in n.name
-                     and any(i.name == n.input[0] and len(i.dims) == 4 for i in bad.graph.initializer)]
-        node = weight_dq[len(bad.graph.node) % len(weight_dq)]
-        scale = next(i for i in bad.graph.initializer if i.name == node.input[1])
-        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * np.float32(1.05), scale.name))
+        bad, scope = plant_scale_defect(model, len(model.graph.node))
         wrong = compare_with_torch(bad, q, x, t, cond)
         print(f"| {seed} | {algorithm} W{w}A8 {form} | {ok['mean_steps']:.3f} | {ok['float64_vs_float32']['mean_steps']:.3f} | "
-              f"{noise:.3f} | {wrong['mean_steps']:.3f} ({node.name.rsplit('/', 1)[0]}) | {ok['bounds']['mean_steps']:.3f} |", flush=True)
+              f"{noise:.3f} | {wrong['mean_steps']:.3f} ({scope}) | {ok['bounds']['mean_steps']:.3f} |", flush=True)
     return 0
 
 

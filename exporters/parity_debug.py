@@ -51,22 +51,13 @@ def scope_of(module_name: str) -> str:
 def _module_outputs(unet: nn.Module, x, t, cond) -> dict[str, np.ndarray]:
     """Output of every module called exactly once with one tensor out, in call order."""
     outs: dict[str, list] = {}
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: outs.setdefault(n, []).append(o))
-             for n, m in unet.named_modules() if n]
-    try:
-        with torch.no_grad():
-            unet_forward(unet, x, t, cond)
-    finally:
-        for h in hooks:
-            h.remove()
+    _with_hooks(unet, [n for n, _ in unet.named_modules() if n], lambda mod, a, o, n: outs.setdefault(n, []).append(o), x, t, cond)
     return {n: o[0].detach().double().numpy() for n, o in outs.items() if len(o) == 1 and isinstance(o[0], torch.Tensor)}
 
 
-def _ort_values(model: onnx.ModelProto, x: torch.Tensor, t: torch.Tensor, cond: dict, wanted: list[str]) -> dict[str, np.ndarray]:
-    """Every wanted value of one call (one timestep, as the exported contract takes it)."""
+def _ort_session(model: onnx.ModelProto, wanted: list[str]):
+    """An onnxruntime session of ``model`` that also returns every wanted value."""
     import onnxruntime as ort
-
-    from .ort_runtime import ORT_DTYPES, onnx_input_name
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -76,7 +67,20 @@ def _ort_values(model: onnx.ModelProto, x: torch.Tensor, t: torch.Tensor, cond: 
             m.graph.output.append(onnx.ValueInfoProto(name=name))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every intermediate value
-    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    if m.ByteSize() < onnx.checker.MAXIMUM_PROTOBUF:
+        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:   # over protobuf's 2 GB: through a file with external data
+        path = f"{tmp}/model.onnx"
+        onnx.save_model(m, path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _ort_values(sess, x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict[str, np.ndarray]:
+    """Every output of one call (one timestep, as the exported contract takes it)."""
+    from .ort_runtime import ORT_DTYPES, onnx_input_name
+
     declared = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in sess.get_inputs()}
     feeds = {"sample": x.numpy().astype(declared["sample"]), "timestep": np.asarray(float(t.reshape(-1)[0]), dtype=declared["timestep"])}
     feeds.update({onnx_input_name(k): v.numpy().astype(declared[onnx_input_name(k)]) for k, v in cond.items()
@@ -85,34 +89,164 @@ def _ort_values(model: onnx.ModelProto, x: torch.Tensor, t: torch.Tensor, cond: 
     return dict(zip(names, sess.run(names, feeds)))
 
 
-def diagnose(model: onnx.ModelProto, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None,
-             factor: float = 10.0) -> tuple[ModuleDrift | None, list[ModuleDrift]]:
-    """(first module whose drift exceeds ``factor``, or None; every matched module in call order), on the first
-    input row (the exported graph takes one timestep per call)."""
-    cond = {k: v[:1] for k, v in (cond or {}).items()}
-    x, t = x[:1], t.reshape(-1)[:1]
-    x, cond = x.float(), {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}  # what onnxruntime is fed
-    t32 = _module_outputs(unet, x, t, cond)   # unet_forward casts the float inputs to each model's dtype
-    t64 = _module_outputs(in_float64(unet), x, t.double() if t.is_floating_point() else t, cond)
-    last_node: dict[str, onnx.NodeProto] = {}
-    for node in model.graph.node:       # graph order: the last node in a scope produces the module's output
+def _last_nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Scope -> the last node inside it (graph order: that node produces the module's output)."""
+    last: dict[str, onnx.NodeProto] = {}
+    for node in model.graph.node:
         scope = node.name.rsplit("/", 1)[0]
         while scope.startswith(ROOT_SCOPE + "/"):
-            last_node[scope] = node
+            last[scope] = node
             scope = scope.rsplit("/", 1)[0]
-    matched = [(n, last_node[scope_of(n)]) for n in t32 if scope_of(n) in last_node and n in t64]
-    ort_out = _ort_values(model, x, t, cond, [node.output[0] for _, node in matched])
+    return last
+
+
+def diagnose(model: onnx.ModelProto, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None,
+             factor: float = 10.0, rows: int = 1) -> tuple[ModuleDrift | None, list[ModuleDrift]]:
+    """(first module whose drift exceeds ``factor``, or None; every matched module in call order), summed over the
+    first ``rows`` input rows, one call each (the exported graph takes one timestep per call)."""
+    cond = cond or {}
+    modules, last = dict(unet.named_modules()), _last_nodes(model)
+    unet64 = in_float64(unet)
+    sums: dict[str, np.ndarray] = {}   # module -> [sum |ref|, sum |ort - ref|, sum |ref64 - ref|]
+    sess, nodes = None, {}
+    for i in range(min(rows, len(x))):
+        xi = x[i: i + 1].float()
+        ti = t.reshape(-1)[i: i + 1]
+        ci = {k: (v[i: i + 1].float() if v.is_floating_point() else v[i: i + 1]) for k, v in cond.items()}  # what onnxruntime is fed
+        t32 = _module_outputs(unet, xi, ti, ci)   # unet_forward casts the float inputs to each model's dtype
+        t64 = _module_outputs(unet64, xi, ti.double() if ti.is_floating_point() else ti, ci)
+        if sess is None:
+            nodes = {n: last[scope_of(n)] for n in t32 if scope_of(n) in last and n in t64}
+            sess = _ort_session(model, [node.output[0] for node in nodes.values()])
+        got_all = _ort_values(sess, xi, ti, ci)
+        for name, node in nodes.items():
+            got, ref, ref64 = got_all.get(node.output[0]), t32.get(name), t64.get(name)
+            if got is None or ref is None or ref64 is None or got.shape != ref.shape:
+                continue
+            acc = sums.setdefault(name, np.zeros(3))
+            acc += [np.abs(ref).mean(), np.abs(got - ref).mean(), np.abs(ref64 - ref).mean()]
+    out: list[ModuleDrift] = []
+    for name, (scale, diff, noise) in sums.items():
+        scale = scale or 1.0
+        rel, fnoise = diff / scale, noise / scale
+        out.append(ModuleDrift(name, type(modules[name]).__name__, nodes[name].name, float(rel), float(fnoise),
+                               float(rel / max(fnoise, 1e-7))))  # float32's resolution as the floor
+    first = next((r for r in out if r.drift > factor), None)
+    return first, out
+
+
+LAYER_CHECK_BYTES = 1 << 30   # onnxruntime values exposed per run of the layer check
+LAYER_TOL = 1e-4     # mean |difference| / mean |output| of one layer on identical inputs (float order alone: ~1e-6)
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm", "MatMulNBits")
+
+
+@dataclass
+class LayerParity:
+    name: str
+    onnx_node: str
+    rel_diff: float        # mean |ort - torch| / mean |torch|, torch fed onnxruntime's own input to the layer
+
+
+def layer_check(model: onnx.ModelProto, unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None,
+                budget_bytes: int = LAYER_CHECK_BYTES) -> list[LayerParity]:
+    """Every quantized layer on its own: PyTorch's layer fed the value onnxruntime's Conv/MatMul consumes (the
+    dequantized activation) against onnxruntime's output of the layer, on the first input row.
+
+    Downstream of a rounding flip the two runtimes no longer see the same activations, so whole-model
+    differences mix flips with defects. Fed identical on-grid inputs, PyTorch's quantizer reproduces onnxruntime's
+    integers exactly, and what is left is float order (~1e-7) or a defect in this layer's weights, scales, zero
+    points, bias or input quantizer (a 5% scale error: ~5e-2; a missing activation Q/DQ: the quantization error).
+    Layers go in groups whose exposed values fit ``budget_bytes`` (one onnxruntime run per group)."""
+    from gaq_backend.wrapping.wrap import quant_layers
+
+    cond = {k: v[:1].float() if v.is_floating_point() else v[:1] for k, v in (cond or {}).items()}
+    x, t = x[:1].float(), t.reshape(-1)[:1]
+    by_module = _nodes_by_module(model, unet)
+    io: dict[str, tuple[str, list[str], str]] = {}    # layer -> (compute node name, their data inputs, the scope's last output)
+    for name, _ in quant_layers(unet):
+        nodes = by_module.get(name, [])
+        compute = [n for n in nodes if n.op_type in COMPUTE_OPS]   # two convolutions for split skip quantizers (qdq_forms)
+        if compute:
+            io[name] = (compute[0].name, [n.input[0] for n in compute], nodes[-1].output[0])
+    results: list[LayerParity] = []
+    for group in _groups(unet, x, t, cond, list(io), budget_bytes):
+        vals = _ort_values(_ort_session(model, [v for n in group for v in (*io[n][1], io[n][2])]), x, t, cond)
+
+        def check(mod, _args, out, name):
+            node, fed, produced = io[name]
+            fed_in = torch.cat([torch.from_numpy(vals[v]) for v in fed], dim=1)   # the split parts are channel ranges
+            mine = mod.forward(fed_in.to(out.dtype)).detach().double().numpy().reshape(-1)  # forward: no hooks again
+            got = vals[produced].astype(np.float64).reshape(-1)
+            if got.shape == mine.shape:
+                results.append(LayerParity(name, node, float(np.abs(got - mine).mean() / (np.abs(mine).mean() or 1.0))))
+
+        _with_hooks(unet, group, check, x, t, cond)
+    return results
+
+
+def module_of_scope(scope: str, names: set[str]) -> str | None:
+    """The module an ONNX node scope belongs to. The scope is the call stack, and a module may be called by a sibling
+    (an attention processor calls its attention's ``to_q``: ``.../attentions.0/processor/to_q``), so a segment that
+    is not a child of the module so far is looked up as a child of its ancestors."""
+    path: list[str] = []
+    for seg in scope_of_parts(scope):
+        for k in range(len(path), -1, -1):
+            if ".".join(path[:k] + [seg]) in names:
+                path = path[:k] + [seg]
+                break
+        else:
+            return None
+    return ".".join(path) or None
+
+
+def scope_of_parts(scope: str) -> list[str]:
+    return scope[len(ROOT_SCOPE) + 1:].split("/") if scope.startswith(ROOT_SCOPE + "/") else []
+
+
+def _nodes_by_module(model: onnx.ModelProto, unet: nn.Module) -> dict[str, list[onnx.NodeProto]]:
+    """Module name -> the nodes directly in its scope, in graph order."""
+    names = {n for n, _ in unet.named_modules() if n}
+    out: dict[str, list[onnx.NodeProto]] = {}
+    cache: dict[str, str | None] = {}
+    for node in model.graph.node:
+        scope = node.name.rsplit("/", 1)[0]
+        if scope not in cache:
+            cache[scope] = module_of_scope(scope, names)
+        if cache[scope]:
+            out.setdefault(cache[scope], []).append(node)
+    return out
+
+
+def _with_hooks(unet: nn.Module, names: list[str], fn, x, t, cond) -> None:
+    """One forward call of ``unet`` with ``fn(module, args, out, name)`` called after each named module (what it
+    returns is dropped: a forward hook's return value would replace the module's output)."""
     modules = dict(unet.named_modules())
-    rows: list[ModuleDrift] = []
-    for name, node in matched:
-        got, ref, ref64 = ort_out.get(node.output[0]), t32[name], t64[name]
-        if got is None or got.shape != ref.shape:
-            continue
-        scale = float(np.abs(ref).mean()) or 1.0
-        rel, noise = float(np.abs(got - ref).mean()) / scale, float(np.abs(ref64 - ref).mean()) / scale
-        rows.append(ModuleDrift(name, type(modules[name]).__name__, node.name, rel, noise, rel / max(noise, 1e-7)))  # float32's resolution as the floor
-    first = next((r for r in rows if r.drift > factor), None)
-    return first, rows
+
+    def hook(mod, a, o, n):
+        fn(mod, a, o, n)
+
+    hooks = [modules[n].register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n in names]
+    try:
+        with torch.no_grad():
+            unet_forward(unet, x, t, cond)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _groups(unet: nn.Module, x, t, cond, names: list[str], budget_bytes: int) -> list[list[str]]:
+    """``names`` in call order, cut where the float32 inputs and outputs onnxruntime exposes would exceed the budget."""
+    size: dict[str, int] = {}
+    _with_hooks(unet, names, lambda mod, a, o, n: size.setdefault(n, 4 * (a[0].numel() + o.numel())), x, t, cond)
+    groups: list[list[str]] = [[]]
+    used = 0
+    for n in size:   # call order
+        if groups[-1] and used + size[n] > budget_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(n)
+        used += size[n]
+    return [g for g in groups if g]
 
 
 def report(first: ModuleDrift | None, rows: list[ModuleDrift], factor: float, n: int = 12) -> str:

@@ -90,12 +90,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"mean {p['mean_steps']:.3f}, p99 {p['p99_steps']:.2f}, max {p['max_steps']:.2f}; torch float64 vs float32: "
           f"mean {p['float64_vs_float32']['mean_steps']:.3f}, max {p['float64_vs_float32']['max_steps']:.2f}; "
           f"bounds: mean {b['mean_steps']:.3f}, max {b['max_steps']:.2f}")
+    if "layers" in p:
+        print(f"each of {p['layers']['checked']} quantized layers fed onnxruntime's own input: max relative difference "
+              f"{p['layers']['max_rel_diff']:.1e} (tolerance {p['layers']['tolerance']:g})")
     print(f"wrote {os.path.abspath(args.out) if args.optimum_from else res.path}")
-    from exporters.validate import int8_kernel_warning
+    from exporters.validate import int8_kernel_warning, rounding_flip_warning
 
-    warning = int8_kernel_warning(p)
-    if warning:
-        print(f"gaq: warning: {warning}", file=sys.stderr)
+    for warning in (int8_kernel_warning(p), rounding_flip_warning(p)):
+        if warning:
+            print(f"gaq: warning: {warning}", file=sys.stderr)
     return 0
 
 

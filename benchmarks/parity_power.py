@@ -1,7 +1,8 @@
 """How much can the export parity bound see? docs/benchmarks.md section 10, "the one refusal".
 
     python benchmarks/parity_power.py                      # the table of three cases
-    python benchmarks/parity_power.py --seeds 0:40         # the per-module check over the zoo: false alarms and power
+    python benchmarks/parity_power.py --seeds 0:80 > runs/power.jsonl   # the layer check over the zoo: false alarms and power
+    python benchmarks/parity_power.py --summary runs/power.jsonl        # the figures docs/benchmarks.md shows
 
 On generated UNets (tests/unet_zoo.py, calibrated as the zoo benchmark does, one torch thread), in mean output
 INT8 steps: onnxruntime vs PyTorch float32 on the faithful graph, PyTorch float64 vs float32 (what the bound
@@ -80,8 +81,18 @@ def main() -> int:
     from unet_zoo import CALIBRATION_SEEDS, build_unet, generate, quant_config, sampling_loop
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", help="a:b: run the zoo seeds a..b-1 instead of the table")
+    ap.add_argument("--seeds", help="a:b: run the zoo seeds a..b-1 instead of the table (JSON lines on stdout)")
+    ap.add_argument("--summary", help="the figures of a --seeds run's JSON lines")
     args = ap.parse_args()
+    if args.summary:
+        with open(args.summary, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        named = sum(r["defect_layers_over"] == [r["defect"].split("/", 2)[2].replace("/", ".")] for r in rows)
+        print(f"{len(rows)} configs (seeds {rows[0]['seed']}-{rows[-1]['seed']}); faithful: output bound refused "
+              f"{sum(not r['output_ok'] for r in rows)}, largest layer difference {max(r['layer_max_rel'] for r in rows):.1e}; "
+              f"5% scale error: output bound caught {sum(r['defect_output_caught'] for r in rows)}, layer check "
+              f"{sum(bool(r['defect_layers_over']) for r in rows)} ({named} naming only that conv)")
+        return 0
     if args.seeds:
         a, b = (int(v) for v in args.seeds.split(":"))
         return zoo_seeds(range(a, b))

@@ -253,5 +253,5 @@ def run_case(case: ZooCase, folder: str, algorithm: str = "minmax", w_bits: int 
     if export:
         res = export_quantized(qdir, os.path.join(folder, "m.onnx"), export, progress=False)
         out["parity"] = {k: res.parity[k] for k in ("mean_steps", "max_steps")}
-        out["parity_checked_with"] = res.parity.get("checked_with", "default")
+        out["parity_checked_with"] = "rounding flips" if "rounding_flips" in res.parity else res.parity.get("checked_with", "default")
     return out

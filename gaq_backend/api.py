@@ -13,6 +13,7 @@ so the same recorded calls give the same model. A ready :class:`CalibrationSet` 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -40,6 +41,20 @@ class QuantizationInfo:
 def wrap_for_config(model: nn.Module, config: QuantConfig) -> WrapReport:
     return wrap_unet(model, config.w_bits, config.a_bits, config.keep_fp, config.weight_symmetric, config.act_symmetric,
                      config.quantize_attention_matmuls, config.split_skip)
+
+
+def with_role_keep_fp(model: nn.Module, config: QuantConfig, calibration: CalibrationSet) -> QuantConfig:
+    """``config`` with the layers :func:`~gaq_backend.wrapping.roles.layers_by_role` finds added to ``keep_fp``
+    (as exact ``=name`` entries, so the saved folder reloads without a probe)."""
+    if not config.keep_fp_by_role:
+        return config
+    from .wrapping.roles import layers_by_role
+    from .wrapping.wrap import is_kept
+
+    row = calibration.subset(slice(0, 1))
+    found = [n for names in layers_by_role(model, row.x, row.t, row.cond).values() for n in names]
+    extra = ["=" + n for n in dict.fromkeys(found) if not is_kept(n, config.keep_fp)]
+    return dataclasses.replace(config, keep_fp=[*config.keep_fp, *extra]) if extra else config
 
 
 def new_recorder(model: nn.Module, config: QuantConfig) -> Recorder:
@@ -127,6 +142,7 @@ def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: Calibr
     if config.calibration.storage_dtype != "model":
         calibration = calibration.stored_as(getattr(torch, config.calibration.storage_dtype))
     model.eval()
+    config = with_role_keep_fp(model, config, calibration)
     fp_model = copy.deepcopy(model).requires_grad_(False) if spec.needs_fp_model else None
     report = wrap_for_config(model, config)
     model.requires_grad_(False)

@@ -21,20 +21,28 @@ def make_scheduler(scheduler_config: dict, sampler: SamplerConfig):
 
 
 def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """Noise prediction of a diffusers UNet for a batch of inputs with one timestep each. ``cond`` holds
-    the other forward inputs by name, nested ones (``added_cond_kwargs``) as ``"added_cond_kwargs.text_embeds"``."""
+    """Prediction of a diffusers denoiser (UNet or transformer) for a batch of inputs with one timestep each.
+    ``cond`` holds the other forward inputs by recorded name: nested ones (``added_cond_kwargs``) as
+    ``"added_cond_kwargs.text_embeds"``, inputs without a batch axis as ``"unbatched.img_ids"`` (rows of one
+    value: the first is passed, as recorded)."""
+    from .calibration.recorder import UNBATCHED, input_name
+
     weight = first_weight(unet)
     device = weight.device  # calibration data lives on the host; the model may not
     dtype = weight.dtype    # and may be stored in another precision (calibration.storage_dtype)
     kwargs: dict = {}
     for k, v in (cond or {}).items():
+        if k.startswith(UNBATCHED):
+            kwargs[k[len(UNBATCHED):]] = v[0].to(device)   # as recorded: position ids keep their dtype
+            continue
         head, _, tail = k.partition(".")
         v = v.to(device, dtype) if v.is_floating_point() else v.to(device)
         if tail:
             kwargs.setdefault(head, {})[tail] = v
         else:
             kwargs[k] = v
-    return unet(x.to(device, dtype), t.to(device), **kwargs).sample
+    kwargs[input_name(unet)] = x.to(device, dtype)
+    return unet(timestep=t.to(device), **kwargs).sample
 
 
 def first_weight(model: torch.nn.Module) -> torch.Tensor:

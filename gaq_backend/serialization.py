@@ -29,7 +29,15 @@ UNET_CONFIG_FILE = "unet_config.json"
 SCHEDULER_FILE = "scheduler_config.json"
 SIGNATURE_FILE = "inputs.json"
 HELD_OUT_FILE = "held_out_inputs.safetensors"
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+
+
+def denoiser_class(name: str):
+    """The diffusers model class of that name (any ``ModelMixin``: UNets and diffusion transformers), or None.
+    Built from its JSON config, never unpickled."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    return cls if isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin) else None
 FOLDER_FILES = (WEIGHTS_FILE, UNET_CONFIG_FILE, SCHEDULER_FILE, "recipe.yaml", SIGNATURE_FILE, HELD_OUT_FILE)
 
 
@@ -63,8 +71,8 @@ def write_quantized(model: nn.Module, folder: str, scheduler_config: dict | None
     info = getattr(model, "gaq_info", None)
     if info is None:
         raise ValueError("save_quantized needs a model quantized by gaq_backend.quantize (it has no gaq_info)")
-    if type(model).__name__ not in UNET_CLASSES:
-        raise ValueError(f"save_quantized supports {', '.join(UNET_CLASSES)}; got {type(model).__name__}")
+    if denoiser_class(type(model).__name__) is None:
+        raise ValueError(f"save_quantized supports diffusers models (UNets, diffusion transformers); got {type(model).__name__}")
     save_file(quantized_state_dict(model), os.path.join(folder, WEIGHTS_FILE), metadata={"format": "gaq-fakequant-1"})
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     with open(os.path.join(folder, UNET_CONFIG_FILE), "w") as f:
@@ -76,6 +84,8 @@ def write_quantized(model: nn.Module, folder: str, scheduler_config: dict | None
         cfg = info.config
         recipe = Recipe(model=USER_MODEL, algorithm=cfg.algorithm.name, calibration=cfg.calibration, settings=cfg.algorithm,
                         quantization=dataclasses.replace(cfg, algorithm=None), name="user")
+    elif recipe.quantization.keep_fp != info.config.keep_fp:   # what was kept, with the layers found by role
+        recipe = dataclasses.replace(recipe, quantization=dataclasses.replace(recipe.quantization, keep_fp=list(info.config.keep_fp)))
     dump_recipe(recipe, os.path.join(folder, "recipe.yaml"))
     if info.held_out is not None and len(info.held_out):
         held = info.held_out
@@ -180,12 +190,12 @@ def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
     sched_cfg, recipe = read_output_configs(folder)
     raw_cfg = read_json_object(os.path.join(folder, UNET_CONFIG_FILE))
     cls_name = raw_cfg.get("_class_name", "UNet2DModel")  # folders written before the class was recorded
-    if cls_name not in UNET_CLASSES:
-        raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: UNet class {cls_name!r} is not one gaq loads ({', '.join(UNET_CLASSES)})")
+    if denoiser_class(cls_name) is None:
+        raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: {cls_name!r} is not a diffusers model class gaq can build")
     unet_cfg = {k: v for k, v in raw_cfg.items() if not k.startswith("_")}
     try:
         with torch.device("cpu"), library_logs_as_warnings():  # reloads build on the host; the caller moves the model
-            model = getattr(diffusers, cls_name).from_config(unet_cfg)
+            model = denoiser_class(cls_name).from_config(unet_cfg)
     except Exception as e:  # diffusers raises TypeError / ValueError / KeyError for a config it cannot build
         raise ValueError(f"{folder}/{UNET_CONFIG_FILE}: not a {cls_name} config ({one_line(e, 160)})") from None
     qcfg: QuantConfig = recipe.quant_config()

@@ -11,7 +11,7 @@ import torch
 
 from ..config import CalibrationConfig, SamplerConfig
 from ..sampling import ddim_sample, initial_noise, make_scheduler
-from .recorder import Recorder, calibration_from_tensors
+from .recorder import UNBATCHED, Recorder, calibration_from_tensors, unbatched_rows
 from ..utils.cache import prepare_cache_dir, read_tensors, write_tensors
 
 CACHE_FORMAT = 3
@@ -37,9 +37,10 @@ class CalibrationSet:
         return self.x.shape[0]
 
     def subset(self, mask_or_index: torch.Tensor) -> "CalibrationSet":
-        return CalibrationSet(self.x[mask_or_index], self.t[mask_or_index], self.eps[mask_or_index], self.step[mask_or_index],
-                              self.is_val[mask_or_index], self.group[mask_or_index], {k: v[mask_or_index] for k, v in self.cond.items()},
-                              self.timesteps)
+        x = self.x[mask_or_index]
+        cond = {k: unbatched_rows(v, len(x)) if k.startswith(UNBATCHED) else v[mask_or_index] for k, v in self.cond.items()}
+        return CalibrationSet(x, self.t[mask_or_index], self.eps[mask_or_index], self.step[mask_or_index],
+                              self.is_val[mask_or_index], self.group[mask_or_index], cond, self.timesteps)
 
     @property
     def train(self) -> "CalibrationSet":
@@ -65,7 +66,7 @@ class CalibrationSet:
         """The same rows with float inputs (x, eps, float conditioning) in ``dtype``; the model casts them back."""
         cast = lambda v: v.to(dtype) if v.is_floating_point() else v  # noqa: E731
         return CalibrationSet(cast(self.x), self.t, cast(self.eps), self.step, self.is_val, self.group,
-                              {k: cast(v) for k, v in self.cond.items()}, self.timesteps)
+                              {k: v if k.startswith(UNBATCHED) else cast(v) for k, v in self.cond.items()}, self.timesteps)
 
     def check_finite(self) -> None:
         check_finite(dict(x=self.x, eps=self.eps, t=self.t))

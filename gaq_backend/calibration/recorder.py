@@ -1,11 +1,14 @@
-"""Record what a UNet sees while the user's own code samples: the calibration data of every front door.
+"""Record what a denoiser sees while the user's own code samples: the calibration data of every front door.
 
-A forward hook on the UNet binds each call's arguments to its ``forward`` signature and keeps, per
-batch row: the input ``sample``, the row's timestep (a scalar or ``[1]`` timestep is broadcast; float
+A forward hook on the denoiser (a UNet or a diffusion transformer) binds each call's arguments to its
+``forward`` signature and keeps, per batch row: the input (``forward``'s first parameter, whatever it is
+called: ``sample`` for UNets, ``hidden_states`` for transformers), the row's timestep (a scalar or ``[1]`` timestep is broadcast; float
 timesteps such as Euler's stay float), every tensor conditioning input (``encoder_hidden_states``,
 ``class_labels``, ``timestep_cond``, ``attention_mask``, ``encoder_attention_mask``, and each entry of
-``added_cond_kwargs`` under ``added_cond_kwargs.<name>``), and the FP output. A CFG-doubled batch gives
-one row per half. Rows are kept in a seeded reservoir per distinct timestep (``max_per_step`` each),
+``added_cond_kwargs`` under ``added_cond_kwargs.<name>``; ``None`` entries are left out), and the FP
+output. A CFG-doubled batch gives one row per half. An input without a batch axis (Flux's rotary
+``img_ids`` / ``txt_ids``: a leading axis that is neither the batch nor 1) is the same for every row: it
+is kept once, under ``unbatched.<name>``, and must be equal in every call. Rows are kept in a seeded reservoir per distinct timestep (``max_per_step`` each),
 so memory is bounded however long the user's loop runs and the kept set is timestep-balanced.
 ``finalize`` orders the timesteps from noisiest to cleanest (the recorded "steps"), caps the total at
 ``max_samples`` evenly over the steps, and splits and groups them like the CLI's capture.
@@ -20,6 +23,15 @@ from torch import nn
 
 NESTED = ("added_cond_kwargs",)
 IGNORED = ("return_dict",)
+UNBATCHED = "unbatched."   # key prefix of inputs kept once, not per row
+
+
+def input_name(model: nn.Module) -> str:
+    """The name of the denoiser's first forward input (the noisy latent): ``sample`` or ``hidden_states``."""
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not params:
+        raise RecordingError(f"{type(model).__name__}.forward takes no positional input to record")
+    return params[0].name
 
 
 class RecordingError(ValueError):
@@ -37,6 +49,8 @@ class Recorder:
                  keep: Callable[[float], bool] | None = None) -> None:
         self.unet, self.max_per_step, self.keep = unet, max_per_step, keep
         self.signature = inspect.signature(unet.forward)
+        self.input = input_name(unet)
+        self.unbatched: dict[str, torch.Tensor] = {}
         self.gen = torch.Generator().manual_seed(seed)
         self.rows: dict[float, list[dict[str, torch.Tensor]]] = {}
         self.seen: dict[float, int] = {}
@@ -57,18 +71,21 @@ class Recorder:
             bound = self.signature.bind(*args, **kwargs).arguments
         except TypeError as e:
             raise RecordingError(f"UNet call does not match {type(module).__name__}.forward: {e}") from None
-        x = bound.get("sample")
+        x = bound.get(self.input)
         if not isinstance(x, torch.Tensor):
-            raise RecordingError("UNet call without a tensor 'sample'")
+            raise RecordingError(f"{type(module).__name__} call without a tensor '{self.input}'")
         b = x.shape[0]
         t = self._timesteps(bound.get("timestep"), b, x.device)
         cond: dict[str, torch.Tensor] = {}
         for name, v in bound.items():
-            if name in ("sample", "timestep") or name in IGNORED or _is_empty(v):
+            if name in (self.input, "timestep") or name in IGNORED or _is_empty(v):
                 continue
             if name in NESTED and isinstance(v, dict):
                 for k, vv in v.items():
-                    cond[f"{name}.{k}"] = self._rows(f"{name}.{k}", vv, b)
+                    if not _is_empty(vv):
+                        cond[f"{name}.{k}"] = self._rows(f"{name}.{k}", vv, b)
+            elif isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] not in (b, 1):
+                self._keep_unbatched(name, v)
             elif isinstance(v, torch.Tensor):
                 cond[name] = self._rows(name, v, b)
             else:
@@ -83,6 +100,13 @@ class Recorder:
             row = {"x": x[i].detach().cpu().clone(), "t": t[i].detach().cpu().clone(), "eps": eps[i].detach().cpu().clone()}
             row.update({k: v[i].detach().cpu().clone() for k, v in cond.items()})
             self._reservoir(key, row)
+
+    def _keep_unbatched(self, name: str, v: torch.Tensor) -> None:
+        v = v.detach().cpu()
+        kept = self.unbatched.setdefault(name, v.clone())
+        if kept.shape != v.shape or not torch.equal(kept, v):
+            raise RecordingError(f"input '{name}' has no batch axis ({tuple(v.shape)}) and changes between calls; gaq keeps "
+                                 "such an input once (e.g. rotary position ids of one resolution): record calls of one resolution")
 
     def _timesteps(self, t: Any, b: int, device: torch.device) -> torch.Tensor:
         t = torch.as_tensor(t, device=device)
@@ -139,6 +163,7 @@ class Recorder:
         out["t"] = out["t"].to(t_dtype)
         out["step"] = torch.tensor(steps, device="cpu")  # calibration data lives on the host
         out["timesteps"] = torch.tensor(keys, dtype=t_dtype, device="cpu")
+        out.update({UNBATCHED + k: v.unsqueeze(0) for k, v in self.unbatched.items()})  # one row; expanded as a view
         return out
 
 
@@ -148,4 +173,10 @@ def calibration_from_tensors(raw: dict[str, torch.Tensor], val_fraction: float, 
 
     is_val, group = split_and_group(raw["step"], raw["t"], val_fraction, n_groups, seed)
     cond = {k: v for k, v in raw.items() if k not in ("x", "t", "eps", "step", "timesteps")}
+    cond = {k: unbatched_rows(v, len(raw["x"])) if k.startswith(UNBATCHED) else v for k, v in cond.items()}
     return CalibrationSet(raw["x"], raw["t"], raw["eps"], raw["step"], is_val, group, cond, timesteps=raw["timesteps"])
+
+
+def unbatched_rows(v: torch.Tensor, n: int) -> torch.Tensor:
+    """An input kept once (``unbatched.<name>``, one row) as ``n`` rows without copying it."""
+    return v[:1].expand(n, *v.shape[1:])

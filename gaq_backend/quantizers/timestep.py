@@ -62,9 +62,11 @@ class TimestepRanges(nn.Module):
 
 
 def _timestep_pre_hook(module, args, kwargs):
-    sample = args[0] if args else kwargs["sample"]
-    t = args[1] if len(args) > 1 else kwargs["timestep"]
-    t = torch.as_tensor(t, device=sample.device).reshape(-1)
+    import inspect
+
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments   # timestep's position varies by class
+    sample = next(iter(bound.values()))
+    t = torch.as_tensor(bound["timestep"], device=sample.device).reshape(-1)
     if t.numel() == 1:
         t = t.expand(sample.shape[0])
     _TOKENS.__dict__.setdefault("stack", []).append(_CURRENT_T.set(t))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .attention import QuantAttnProcessor
+from .attention import QuantAttnProcessor, QuantSDPAProcessor
 from .layers import QuantConv2d, QuantLayerMixin, QuantLinear
 
 # Leaf layers that carry parameters but compute in float in every peer's W4A8 scheme. Any other module whose
@@ -40,10 +40,14 @@ class WrapReport:
 
 
 def is_kept(name: str, patterns: list[str]) -> bool:
-    """A bare word matches any dotted component of the name; a pattern with '*' or '.' is a glob on the name or a prefix of it."""
+    """A bare word matches any dotted component of the name; a pattern with '*' or '.' is a glob on the name or a prefix
+    of it; ``=name`` is exactly that module (and what it holds)."""
     parts = name.split(".")
     for pat in patterns:
-        if any(ch in pat for ch in "*?[."):
+        if pat.startswith("="):
+            if name == pat[1:] or name.startswith(pat[1:] + "."):
+                return True
+        elif any(ch in pat for ch in "*?[."):
             if any(fnmatch.fnmatchcase(".".join(parts[: i + 1]), pat) for i in range(len(parts))):
                 return True
         elif pat in parts:
@@ -95,8 +99,6 @@ def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_s
               a_symmetric: bool = True, quantize_attention_matmuls: bool = True, split_skip: bool = True) -> WrapReport:
     """Replace, in place, each Conv2d / Linear by its fake-quant twin and each Attention's processor by
     :class:`QuantAttnProcessor`. Raises :class:`UnsupportedLayerError` on a parametrised layer it cannot handle."""
-    from diffusers.models.attention_processor import Attention
-
     check_keep_fp(unet, keep_fp)
     report = WrapReport()
     splits = _skip_splits(unet) if split_skip else {}
@@ -104,18 +106,12 @@ def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_s
     for name, module in list(unet.named_modules()):
         if isinstance(module, (QuantLayerMixin, QuantAttnProcessor)):
             raise ValueError(f"model is already quantized ({name} is a {type(module).__name__}); wrap a fresh FP model")
-        if isinstance(module, Attention):
-            proc = type(module.processor).__name__
-            if proc not in KNOWN_PROCESSORS + ADDED_KV_PROCESSORS:
-                raise UnsupportedLayerError(f"unsupported attention processor {proc} at {name}; add '{name}' to keep_fp to leave it in full precision")
-            if getattr(module, "norm_q", None) is not None or getattr(module, "norm_k", None) is not None:
-                raise UnsupportedLayerError(f"unsupported attention with query/key norm at {name}; add '{name}' to keep_fp")
+        if is_attention(module):
             if not quantize_attention_matmuls or is_kept(name, keep_fp):
                 report.kept.append(name + ".matmuls")
             else:
                 module._gaq_fp_processor = module.processor  # restored by algorithms.common.full_precision
-                module.set_processor(QuantAttnProcessor(a_bits, a_symmetric, device=module.to_q.weight.device,
-                                                        added_kv=proc in ADDED_KV_PROCESSORS))
+                module.set_processor(quant_processor(name, module, a_bits, a_symmetric))
                 report.attention.append(name)
             continue
         if isinstance(module, (nn.Conv2d, nn.Linear)) and not _computes_plain_op(module):
@@ -136,7 +132,8 @@ def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_s
             report.wrapped.append(name)
             continue
         own_params = list(module.parameters(recurse=False))
-        if any(p.dim() >= 2 for p in own_params) and not isinstance(module, FLOAT_LAYERS):
+        container = any(True for _ in module.children())  # its own tables are applied elementwise (PixArt's scale_shift_table)
+        if any(p.dim() >= 2 for p in own_params) and not isinstance(module, FLOAT_LAYERS) and not container:
             if is_kept(name, keep_fp):
                 report.kept.append(name)
                 continue
@@ -144,6 +141,23 @@ def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_s
     for parent, attr, new in replacements:
         setattr(parent, attr, new)
     return report
+
+
+def is_attention(module: nn.Module) -> bool:
+    """diffusers' attention modules (``Attention``, ``FluxAttention``, ...): they compute through a settable processor."""
+    return hasattr(module, "set_processor") and getattr(module, "processor", None) is not None and hasattr(module, "to_q")
+
+
+def quant_processor(name: str, module: nn.Module, a_bits: int, a_symmetric: bool) -> QuantAttnProcessor:
+    """diffusers' plain processors are reproduced by :class:`QuantAttnProcessor`; any other (joint, rotary,
+    query/key norms) keeps its own code with its SDPA call quantized (one that never calls SDPA is refused at its
+    first call)."""
+    proc = module.processor
+    device = module.to_q.weight.device
+    plain = getattr(module, "norm_q", None) is None and getattr(module, "norm_k", None) is None
+    if type(proc).__name__ in KNOWN_PROCESSORS + ADDED_KV_PROCESSORS and plain:
+        return QuantAttnProcessor(a_bits, a_symmetric, device=device, added_kv=type(proc).__name__ in ADDED_KV_PROCESSORS)
+    return QuantSDPAProcessor.wrapping(proc, a_bits, a_symmetric, device, name)
 
 
 def _computes_plain_op(module: nn.Module) -> bool:

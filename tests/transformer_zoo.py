@@ -157,3 +157,37 @@ def quant_config(algorithm: str, w_bits: int, a_bits: int):
                  gradient_aligned=gaq.GradientAlignedConfig(iters=8, act_iters=4, batch_size=8))
     return gaq.QuantConfig(w_bits=w_bits, a_bits=a_bits, algorithm=algos[algorithm],
                            calibration=gaq.CalibrationConfig(max_per_step=16, max_samples=256, n_groups=2, val_fraction=0.25))
+
+
+def relative_error(model: torch.nn.Module, calls) -> float:
+    """Relative MSE of the prediction against the FP model's over the held-out calls."""
+    num = den = 0.0
+    with torch.no_grad():
+        for args, kwargs, ref in calls:
+            out = model(*args, **kwargs).sample
+            num += float((out - ref).pow(2).sum())
+            den += float(ref.pow(2).sum())
+    return num / max(den, 1e-30)
+
+
+def run_case(case: DiTCase, folder: str, algorithm: str = "minmax", w_bits: int = 8, a_bits: int = 8,
+             export: str | None = None) -> dict[str, Any]:
+    """Quantize with two batches of the loop, save, reload (and ``export``: "int8" / "int4"); the figures."""
+    import os
+
+    import gaq_backend as gaq
+
+    calls = held_out_calls(case, build(case))
+    loops = [sampling_loop(case, s) for s in (0, 1)]
+    q = gaq.quantize(build(case), quant_config(algorithm, w_bits, a_bits), forward_loop=lambda m: [f(m) for f in loops], progress=False)
+    out: dict[str, Any] = dict(seed=case.seed, cls=case.cls, rel_error=relative_error(q, calls), model=q)
+    qdir = os.path.join(folder, "q")
+    gaq.save_quantized(q, qdir)
+    loaded, _, _ = gaq.load_quantized(qdir)
+    out["reload_rel_error"] = relative_error(loaded, calls)
+    if export:
+        from exporters.onnx_export import export_quantized
+
+        res = export_quantized(qdir, os.path.join(folder, "m.onnx"), export, progress=False)
+        out["parity"] = res.parity
+    return out

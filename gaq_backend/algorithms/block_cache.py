@@ -20,11 +20,15 @@ from ..utils.io import tmp_prefix
 
 
 def output_tensor(out: Any) -> torch.Tensor:
+    """A unit's output as one batch-first tensor. A block that returns several tensors (a joint transformer block's
+    text and image streams) gives them flattened per row and side by side, so the loss covers every stream; ``None``
+    entries (the last SD3 block's unused text stream) are skipped."""
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "sample"):
         return out.sample
-    return out[0]
+    tensors = [o for o in out if isinstance(o, torch.Tensor)]
+    return tensors[0] if len(tensors) == 1 else torch.cat([o.flatten(1) for o in tensors], dim=1)
 
 
 def _pick(v: Any, idx: torch.Tensor, device: torch.device | None) -> Any:

@@ -3,6 +3,11 @@
 A unit is a ResNet block, an attention / transformer block, or a single wrapped layer that lies
 outside those (conv_in, the time-embedding MLP, up/down-sample convs, conv_out, ...). Units come in
 module registration order, which is the UNet's forward order for diffusers' UNets.
+
+A diffusion transformer's blocks (``BasicTransformerBlock``, ``JointTransformerBlock``,
+``FluxTransformerBlock``, ``FluxSingleTransformerBlock``, ...) are found by structure rather than by class
+name: a module with an attention module among its direct children and a wrapped layer outside it (the
+feed-forward, the MLP projections, the adaLN modulation) is one unit, so a new block class needs no list entry.
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ def reconstruction_units(model: nn.Module, exclude: tuple[str, ...] = ()) -> lis
         if inside is not None and name.startswith(inside + "."):
             continue
         inside = None
-        if type(module).__name__ in BLOCK_TYPES:
+        if type(module).__name__ in BLOCK_TYPES or is_transformer_block(module):
             unit = ReconUnit(name, module, "block", tuple(exclude))
             if unit.layers() or _has_matmul_quant(module):
                 units.append(unit)
@@ -53,6 +58,17 @@ def reconstruction_units(model: nn.Module, exclude: tuple[str, ...] = ()) -> lis
         elif isinstance(module, QuantLayerMixin) and name not in exclude:
             units.append(ReconUnit(name, module, "layer"))
     return units
+
+
+def is_transformer_block(module: nn.Module) -> bool:
+    """An attention module among the direct children, and a wrapped layer outside every attention child."""
+    from ..wrapping.wrap import is_attention
+
+    attns = [m for m in module.children() if is_attention(m)]
+    if not attns:
+        return False
+    inside = {id(m) for a in attns for m in a.modules()}
+    return any(isinstance(m, QuantLayerMixin) and id(m) not in inside for m in module.modules())
 
 
 def _has_matmul_quant(module: nn.Module) -> bool:

@@ -1,0 +1,90 @@
+"""Diffusion transformers (DiT, PixArt, SD3, Flux; tests/transformer_zoo.py) through every step a UNet takes."""
+import pytest
+import torch
+
+import gaq_backend as gaq
+from gaq_backend.algorithms.blocks import reconstruction_units
+from gaq_backend.calibration.recorder import UNBATCHED
+from transformer_zoo import CLASSES, build, generate, quant_config, run_case, sampling_loop
+
+SEEDS = [0, 1, 2, 3]   # one per class (generate cycles the classes over the seed)
+ALGORITHMS = ["minmax", "uniform", "temporal", "gradient_aligned"]
+
+
+def sampling_shape(case):
+    side = case.config["sample_size"]
+    return ((side // 2) ** 2, 16) if case.cls == "FluxTransformer2DModel" else (4, side, side)
+
+
+def test_the_seeds_cover_every_class():
+    assert {generate(s).cls for s in SEEDS} == set(CLASSES)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_recorder_takes_the_transformers_own_inputs(seed):
+    case = generate(seed)
+    from gaq_backend.api import record
+
+    calib = record(build(case), quant_config("minmax", 8, 8), sampling_loop(case, 0))
+    per_call = 2 if case.cls == "FluxTransformer2DModel" else 4   # Flux embeds guidance; the others double the batch for CFG
+    assert len(calib) == per_call * case.steps and calib.x.shape[1:] == sampling_shape(case)
+    if case.cls == "FluxTransformer2DModel":   # ids without a batch axis: kept once, seen as rows of one value
+        ids = calib.cond[UNBATCHED + "img_ids"]
+        assert ids.shape[0] == len(calib) and ids.stride(0) == 0
+        assert calib.t.is_floating_point() and float(calib.t.max()) <= 1.0   # Flux's [0, 1] timestep, as recorded
+        assert "guidance" in calib.cond and "pooled_projections" in calib.cond
+    if case.cls == "PixArtTransformer2DModel":  # added_cond_kwargs of None values leave nothing behind
+        assert not any(k.startswith("added_cond_kwargs") for k in calib.cond) and "encoder_attention_mask" in calib.cond
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_roles_keep_the_embedders_modulation_and_ends_and_blocks_are_units(seed):
+    case = generate(seed)
+    q = gaq.quantize(build(case), quant_config("minmax", 8, 8), forward_loop=sampling_loop(case, 0), progress=False)
+    kept, wrapped = q.gaq_info.wrap.kept, q.gaq_info.wrap.wrapped
+    assert any("timestep_embedder" in k for k in kept) and not any("timestep_embedder" in w for w in wrapped)
+    assert {"pos_embed.proj", "x_embedder"} & set(kept) and {"proj_out", "proj_out_2"} & set(kept)
+    assert any(k.endswith("norm1.linear") or k == "adaln_single.linear" for k in kept)   # the adaLN modulation
+    units = reconstruction_units(q)
+    blocks = [u.name for u in units if u.kind == "block"]
+    n_blocks = case.config["num_layers"] + case.config.get("num_single_layers", 0)
+    assert len(blocks) == n_blocks and all("transformer_blocks." in b for b in blocks), blocks
+    assert q.gaq_info.wrap.attention   # every attention's two matmuls quantized, joint and rotary ones included
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_quantizes_saves_and_reloads(tmp_path, seed, algorithm):
+    case = generate(seed)
+    res = run_case(case, str(tmp_path), algorithm, 4, 8)
+    assert 0 < res["rel_error"] < 0.05, (case.describe(), res["rel_error"])
+    assert res["reload_rel_error"] == pytest.approx(res["rel_error"], rel=1e-4, abs=1e-9)
+
+
+def test_w8a8_minmax_is_close_to_fp():
+    for seed in SEEDS:
+        case = generate(seed)
+        from transformer_zoo import held_out_calls, relative_error
+
+        q = gaq.quantize(build(case), quant_config("minmax", 8, 8), forward_loop=sampling_loop(case, 0), progress=False)
+        assert relative_error(q, held_out_calls(case, build(case))) < 1e-3, case.describe()
+
+
+def test_the_quantized_sdpa_changes_the_output_and_a_processor_without_sdpa_is_refused():
+    from gaq_backend.wrapping.attention import QuantSDPAProcessor
+
+    case = generate(2)   # SD3: JointAttnProcessor2_0
+    q = gaq.quantize(build(case), quant_config("minmax", 8, 8), forward_loop=sampling_loop(case, 0), progress=False)
+    proc = q.transformer_blocks[0].attn.processor
+    assert isinstance(proc, QuantSDPAProcessor) and all(qz.enabled for qz in proc.quantizers.values())
+    x = sampling_loop(case, 5)
+    base = x(q)
+    proc.quantizers["probs"].scale.data *= 8   # a coarse probs grid: the SDPA replacement is what runs
+    assert not torch.allclose(base, x(q))
+
+    class NoSDPA:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+            return hidden_states, encoder_hidden_states
+    wrapped = QuantSDPAProcessor.wrapping(NoSDPA(), 8, where="transformer_blocks.0.attn")
+    with pytest.raises(NotImplementedError, match="does not compute through torch's scaled_dot_product_attention"):
+        wrapped(q.transformer_blocks[0].attn, torch.zeros(1, 4, 16))

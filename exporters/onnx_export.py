@@ -26,7 +26,7 @@ from torch import nn
 from gaq_backend.utils.io import check_output_file, clean_stale_tmp, tmp_prefix, umask_mode, write_faults_as_errors, write_json
 
 from .qdq_forms import export_forms
-from .signature import COND_INPUTS, OUTPUT_NAME, UNetGraph, cond_inputs, dynamic_axes, example_inputs
+from .signature import COND_INPUTS, decomposed_rms_norm, graph_io, graph_module, is_unet
 
 MIN_OPSET = 13          # per-axis DequantizeLinear
 INT4_MIN_OPSET = 21     # INT4 / UINT4 tensors
@@ -46,20 +46,17 @@ class ExportResult:
     parity: dict[str, Any] = field(default_factory=dict)
 
 
-def input_names(unet: nn.Module) -> list[str]:
-    return ["sample", "timestep", *(COND_INPUTS[n] for n in cond_inputs(unet))]
-
-
 def trace_to_onnx(unet: nn.Module, opset: int, half: bool = False) -> onnx.ModelProto:
     """Trace ``unet`` (with whatever forwards it has now) to an in-memory ONNX model with a dynamic batch axis."""
     buf = io.BytesIO()
     # the tracer warns about every shape-dependent Python branch in diffusers; the dynamic-batch check
     # in validation is what tells whether the graph generalises
-    with torch.no_grad(), warnings.catch_warnings():
+    names, outputs, example, axes = graph_io(unet)
+    with torch.no_grad(), warnings.catch_warnings(), decomposed_rms_norm():
         warnings.simplefilter("ignore")
-        torch.onnx.export(UNetGraph(unet, half).eval(), example_inputs(unet), buf, dynamo=False,
-                          opset_version=min(opset, TRACE_MAX_OPSET), input_names=input_names(unet),
-                          output_names=[OUTPUT_NAME], do_constant_folding=True, dynamic_axes=dynamic_axes(unet))
+        torch.onnx.export(graph_module(unet, half).eval(), example, buf, dynamo=False,
+                          opset_version=min(opset, TRACE_MAX_OPSET), input_names=names,
+                          output_names=outputs, do_constant_folding=True, dynamic_axes=axes)
     model = onnx.load_from_string(buf.getvalue())
     _undo_initializer_sharing(model)
     _quantize_after_transpose(model)
@@ -67,7 +64,12 @@ def trace_to_onnx(unet: nn.Module, opset: int, half: bool = False) -> onnx.Model
         from onnx import version_converter
 
         model = version_converter.convert_version(model, opset)
-    del model.graph.value_info[:]  # intermediate shape annotations: runtimes re-infer them; ~10% of a small file
+    # intermediate shape annotations: runtimes re-infer them (~10% of a small file); an If's outputs keep theirs,
+    # which inference cannot derive from its branches (a dynamic squeeze in PixArt's unpatchify)
+    if_outputs = {o for n in model.graph.node if n.op_type == "If" for o in n.output}
+    kept = [v for v in model.graph.value_info if v.name in if_outputs]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
     _shorten_value_names(model)
     model.ir_version = min(model.ir_version, IR_VERSION)
     return model
@@ -125,6 +127,9 @@ def _shorten_value_names(model: onnx.ModelProto) -> None:
     """Name intermediate tensors ``v0, v1, ...``: the exporter's names repeat the producing node's name
     (which is kept, with its module path), and in a small INT4 model they were a quarter of the file."""
     keep = {o.name for o in model.graph.output} | {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    keep |= {name for node in model.graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH
+             for sub in a.g.node for name in sub.input}   # a subgraph (an If branch) reads outer values by name
+    keep |= {v.name for v in model.graph.value_info}                  # the annotations trace_to_onnx kept (an If's outputs)
     new: dict[str, str] = {}
     for node in model.graph.node:
         for i, name in enumerate(node.input):
@@ -288,14 +293,14 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
     meta = {"gaq.version": __version__, "gaq.algorithm": recipe.algorithm, "gaq.w_bits": str(qcfg.w_bits),
             "gaq.a_bits": str(qcfg.a_bits), "gaq.recipe": recipe_text, "gaq.scheduler_config": sched_cfg,
             "gaq.sampler": recipe.sampler.to_dict(),
-            "gaq.sample_shape": [unet.config.in_channels, unet.config.sample_size, unet.config.sample_size],
+            "gaq.sample_shape": sample_shape(unet),
             "gaq.source_dtype": str(source_dtype).replace("torch.", "")}
     if weights == "int4" and qcfg.w_bits > 4:
         raise ValueError(f"--weights int4 cannot hold W{qcfg.w_bits} weights; use --weights int8")
     model = build_quantized_onnx(unet, weights, opset, meta)
     x, t, cond = held_out_inputs(unet, check_samples) or parity_inputs(recipe, sched_cfg, check_samples, progress)
     x, cond = x.float(), {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
-    extra = sorted(set(cond) - set(COND_INPUTS))
+    extra = sorted(set(cond) - set(COND_INPUTS)) if is_unet(unet) else []   # a transformer's contract is what it recorded
     if extra:
         raise ValueError(f"the UNet was calibrated with inputs outside the exported contract ({', '.join(extra)}); "
                          "the ONNX graph could not take them")
@@ -305,6 +310,14 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
                                  **{k: v for k, v in dict(unet.config).items() if not k.startswith("_")}})
     ops = Counter(n.op_type for n in model.graph.node)
     return ExportResult(out, weights, opset, ops["QuantizeLinear"], ops["DequantizeLinear"], file_mb(out), parity)
+
+
+def sample_shape(model: nn.Module) -> list[int]:
+    """One input row's shape: the recorded one where there is one (transformers take tokens or latents)."""
+    held = getattr(getattr(model, "gaq_info", None), "held_out", None)
+    if held is not None and not is_unet(model):
+        return list(held.x.shape[1:])
+    return [model.config.in_channels, model.config.sample_size, model.config.sample_size]
 
 
 def export_fp(unet: nn.Module, out: str, opset: int = 21, half: bool = False) -> str:

@@ -60,27 +60,53 @@ def onnx_input_name(recorded: str) -> str:
     return recorded.rsplit(".", 1)[-1]
 
 
+UNBATCHED = "unbatched."   # gaq_backend.calibration.recorder's prefix of inputs without a batch axis (no torch import here)
+
+
+def split_cond(cond: dict[str, np.ndarray] | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(inputs with one row per sample, inputs fed once) by ONNX name, from recorded or ONNX names."""
+    rows, once = {}, {}
+    for k, v in (cond or {}).items():
+        if k.startswith(UNBATCHED):
+            once[onnx_input_name(k)] = np.asarray(v)[0]   # recorded as rows of one value
+        else:
+            rows[onnx_input_name(k)] = np.asarray(v)
+    return rows, once
+
+
+def make_feed(session, x: np.ndarray, t_value, rows: dict[str, np.ndarray], once: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One call's inputs: ``x`` under the graph's first input, the timestep as the graph declares it (rank 0 for
+    UNets, ``[batch]`` for transformers), the per-row inputs and those fed once, in the declared dtypes."""
+    ins = session.get_inputs()
+    declared = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in ins}
+    t_in = next(i for i in ins if i.name == "timestep")
+    t = np.asarray(t_value, dtype=declared["timestep"])
+    feed = {ins[0].name: np.ascontiguousarray(x, dtype=declared[ins[0].name]),
+            "timestep": np.full((len(x),), t, dtype=t.dtype) if len(t_in.shape) == 1 else t}
+    feed.update({k: np.ascontiguousarray(v, dtype=declared[k]) for k, v in rows.items() if k in declared})
+    feed.update({k: np.ascontiguousarray(v, dtype=declared[k]) for k, v in once.items() if k in declared})
+    return feed
+
+
 def predict_noise(session, x: np.ndarray, t: np.ndarray, batch_size: int = 64, cond: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """The UNet's prediction for rows ``x`` (N, C, H, W) at timesteps ``t`` (N,), with conditioning inputs
-    ``cond`` (by recorded or ONNX name, N rows each). Rows are grouped by timestep: each call feeds one
-    rank-0 timestep, as a pipeline does (the exported contract, exporters/signature.py)."""
-    declared = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in session.get_inputs()}
+    """The denoiser's prediction for rows ``x`` at timesteps ``t`` (N,), with conditioning inputs ``cond`` (by
+    recorded or ONNX name, N rows each; ``unbatched.<name>`` ones are fed once). Rows are grouped by timestep: each
+    call feeds one timestep, as a pipeline does (the exported contract, exporters/signature.py)."""
+    ins = session.get_inputs()
+    declared = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in ins}
     if declared.get("timestep") in (np.int64, np.int32):
         raise ValueError("this ONNX file was exported by an older gaq (an integer timestep per row); export it again with gaq export")
-    cond = {onnx_input_name(k): np.asarray(v) for k, v in (cond or {}).items()}
-    missing = sorted(set(declared) - {"sample", "timestep"} - set(cond))
+    rows, once = split_cond(cond)
+    missing = sorted(set(declared) - {ins[0].name, "timestep"} - set(rows) - set(once))
     if missing:
         raise ValueError(f"the model also needs the inputs {', '.join(missing)}")
     t = np.asarray(t).reshape(-1)
     out: np.ndarray | None = None
     for value in dict.fromkeys(t.tolist()):  # distinct timesteps, in order
-        rows = np.flatnonzero(t == value)
-        for i in range(0, len(rows), batch_size):
-            r = rows[i: i + batch_size]
-            feed = {"sample": np.ascontiguousarray(x[r], dtype=declared["sample"]),
-                    "timestep": np.asarray(value, dtype=declared["timestep"])}
-            feed.update({k: np.ascontiguousarray(v[r], dtype=declared[k]) for k, v in cond.items() if k in declared})
-            y = session.run(None, feed)[0]
+        idx = np.flatnonzero(t == value)
+        for i in range(0, len(idx), batch_size):
+            r = idx[i: i + batch_size]
+            y = session.run(None, make_feed(session, x[r], value, {k: v[r] for k, v in rows.items()}, once))[0]
             if out is None:
                 out = np.empty((len(x), *y.shape[1:]), dtype=y.dtype)
             out[r] = y

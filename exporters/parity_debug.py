@@ -79,14 +79,11 @@ def _ort_session(model: onnx.ModelProto, wanted: list[str]):
 
 def _ort_values(sess, x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict[str, np.ndarray]:
     """Every output of one call (one timestep, as the exported contract takes it)."""
-    from .ort_runtime import ORT_DTYPES, onnx_input_name
+    from .ort_runtime import make_feed, split_cond
 
-    declared = {i.name: ORT_DTYPES.get(i.type, np.float32) for i in sess.get_inputs()}
-    feeds = {"sample": x.numpy().astype(declared["sample"]), "timestep": np.asarray(float(t.reshape(-1)[0]), dtype=declared["timestep"])}
-    feeds.update({onnx_input_name(k): v.numpy().astype(declared[onnx_input_name(k)]) for k, v in cond.items()
-                  if onnx_input_name(k) in declared})
+    rows, once = split_cond({k: v.numpy() for k, v in cond.items()})
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    return dict(zip(names, sess.run(names, make_feed(sess, x.numpy(), float(t.reshape(-1)[0]), rows, once))))
 
 
 def _last_nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:

@@ -1,4 +1,6 @@
-"""The ONNX interface of an exported UNet: Hugging Face Optimum's diffusion UNet contract.
+"""The ONNX interface of an exported denoiser: Hugging Face Optimum's contracts.
+
+UNets (first input ``sample``), as Optimum's UNet export:
 
 Inputs ``sample`` (float32, ``[batch, C, H, W]``), ``timestep`` (float32, rank 0 as Optimum exports it;
 onnx.checker requires a declared shape on graph inputs, so a raw onnxruntime session rejects a
@@ -7,13 +9,23 @@ takes: ``encoder_hidden_states`` (``[batch, sequence, cross_attention_dim]``), `
 ``time_ids`` (SDXL's ``addition_embed_type="text_time"``), ``timestep_cond`` (``time_cond_proj_dim``),
 ``class_labels`` (int64 ``[batch]``). Output ``out_sample``. One timestep per call, as a pipeline feeds
 it: every row of a batch is at the same timestep.
+
+Diffusion transformers (first input ``hidden_states``), as Optimum's SD3 / Flux transformer exports: the
+recorded inputs, in recorded order, under their own names (``hidden_states``, ``timestep`` float32
+``[batch]``, ``encoder_hidden_states``, ``pooled_projections``, ``guidance``, ``encoder_attention_mask``,
+``class_labels``; Flux's ``img_ids`` / ``txt_ids`` without a batch axis, as recorded) and output
+``out_hidden_states``. Batch and text length are dynamic; the resolution is the recorded one. The inputs come from what the model was calibrated with, not from a list per class:
+Optimum has no ONNX config for DiT or PixArt, and the same rule gives theirs.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
 
 OUTPUT_NAME = "out_sample"
+TRANSFORMER_OUTPUT = "out_hidden_states"
 # recorded input name (calibration / held-out inputs) -> ONNX input name
 COND_INPUTS = {
     "encoder_hidden_states": "encoder_hidden_states",
@@ -93,3 +105,116 @@ class UNetGraph(nn.Module):
                 kwargs[name] = v
         out = self.unet(sample.half() if self.half else sample, t, **kwargs).sample
         return out.float()
+
+
+# -- diffusion transformers: the recorded inputs are the contract --------------------------------------------------
+def is_unet(model: nn.Module) -> bool:
+    from gaq_backend.calibration.recorder import input_name
+
+    return input_name(model) == "sample"
+
+
+def transformer_inputs(model: nn.Module) -> list[str]:
+    """Recorded names of a transformer's conditioning inputs, in recorded order (from its held-out inputs)."""
+    held = getattr(getattr(model, "gaq_info", None), "held_out", None)
+    if held is None:
+        raise ValueError(f"{type(model).__name__}: exporting a diffusion transformer needs its recorded held-out inputs "
+                         "(quantize it again with this gaq)")
+    return list(held.cond)
+
+
+def onnx_name(recorded: str) -> str:
+    return recorded.rsplit(".", 1)[-1]   # added_cond_kwargs.text_embeds -> text_embeds, unbatched.img_ids -> img_ids
+
+
+def graph_io(model: nn.Module, batch: int = 2) -> tuple[list[str], list[str], tuple, dict]:
+    """(input names, output names, tracing inputs, dynamic axes) of ``model``'s exported graph."""
+    if is_unet(model):
+        names = ["sample", "timestep", *(COND_INPUTS[n] for n in cond_inputs(model))]
+        return names, [OUTPUT_NAME], example_inputs(model, batch), dynamic_axes(model)
+    from gaq_backend.calibration.recorder import UNBATCHED, input_name
+
+    held = model.gaq_info.held_out.spread(batch)
+    first = input_name(model)
+    inputs = [held.x.float(), held.t.float()]
+    # dynamic batch and text length; the resolution (token count) stays the recorded one (TransformerGraph.forward)
+    axes = {first: {0: "batch"}, "timestep": {0: "batch"}, TRANSFORMER_OUTPUT: {0: "batch"}}
+    for k in transformer_inputs(model):
+        v = held.cond[k]
+        if k.startswith(UNBATCHED):   # position ids of the recorded resolution: as fixed as the tokens
+            inputs.append(v[0])
+        else:
+            inputs.append(v.float() if v.is_floating_point() else v)
+            axes[onnx_name(k)] = {0: "batch", **({1: "sequence"} if v.dim() == 3 or (v.dim() == 2 and not v.is_floating_point()) else {})}
+    return [first, "timestep", *map(onnx_name, transformer_inputs(model))], [TRANSFORMER_OUTPUT], tuple(inputs), axes
+
+
+class TransformerGraph(nn.Module):
+    """The traced module of a diffusion transformer: float32 in and out, a ``[batch]`` timestep (Optimum's), the
+    recorded inputs by recorded name (nested and unbatched ones as the model takes them)."""
+
+    def __init__(self, model: nn.Module, half: bool = False):
+        super().__init__()
+        self.unet, self.half, self.names = model, half, transformer_inputs(model)   # ``unet``: the node scopes start /unet
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        from gaq_backend.calibration.recorder import UNBATCHED, input_name
+
+        kwargs: dict = {}
+        for name, v in zip(self.names, cond):
+            if self.half and v.is_floating_point() and not name.startswith(UNBATCHED):
+                v = v.half()
+            head, _, tail = name.partition(".")
+            if name.startswith(UNBATCHED):
+                kwargs[tail] = v
+            elif tail:
+                kwargs.setdefault(head, {})[tail] = v
+            else:
+                kwargs[name] = v
+        kwargs[input_name(self.unet)] = x.half() if self.half else x
+        with static_squeeze():
+            return self.unet(timestep=timestep, **kwargs).sample.float()
+
+
+@contextlib.contextmanager
+def static_squeeze():
+    """``t.squeeze(d)`` of a non-batch axis whose size is not 1 is a no-op, decided while tracing: the exported
+    resolution is fixed, and torch's exporter would otherwise emit an If on the axis size (PixArt's unpatchify)
+    whose unused branch fails ONNX shape inference."""
+    squeeze = torch.Tensor.squeeze
+
+    def fixed(self, *dims):
+        if len(dims) == 1 and isinstance(dims[0], int) and dims[0] != 0 and self.shape[dims[0]] != 1:
+            return self
+        return squeeze(self, *dims)
+
+    torch.Tensor.squeeze = fixed
+    try:
+        yield
+    finally:
+        torch.Tensor.squeeze = squeeze
+
+
+@contextlib.contextmanager
+def decomposed_rms_norm():
+    """``torch.nn.functional.rms_norm`` (``torch.nn.RMSNorm``: Flux's query/key norms) as its arithmetic: torch's
+    exporter has no symbolic for it below opset 23 (RMSNormalization), and onnxruntime runs the arithmetic anyway."""
+    import torch.nn.functional as F
+
+    rms_norm = F.rms_norm
+
+    def arithmetic(x, normalized_shape, weight=None, eps=None):
+        dims = tuple(range(-len(normalized_shape), 0))
+        eps = torch.finfo(x.dtype).eps if eps is None else eps
+        y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+        return y * weight if weight is not None else y
+
+    F.rms_norm = arithmetic
+    try:
+        yield
+    finally:
+        F.rms_norm = rms_norm
+
+
+def graph_module(model: nn.Module, half: bool = False) -> nn.Module:
+    return UNetGraph(model, half) if is_unet(model) else TransformerGraph(model, half)

@@ -44,9 +44,12 @@ def wrap_for_config(model: nn.Module, config: QuantConfig) -> WrapReport:
 
 
 def with_role_keep_fp(model: nn.Module, config: QuantConfig, calibration: CalibrationSet) -> QuantConfig:
-    """``config`` with the layers :func:`~gaq_backend.wrapping.roles.layers_by_role` finds added to ``keep_fp``
-    (as exact ``=name`` entries, so the saved folder reloads without a probe)."""
-    if not config.keep_fp_by_role:
+    """``config`` with the layers :func:`~gaq_backend.wrapping.roles.layers_by_role` finds added to the default
+    ``keep_fp`` (as exact ``=name`` entries, so the saved folder reloads without a probe). A ``keep_fp`` the user
+    set is taken as written: it may mean to quantize those layers (``temporal`` reconstructs the time path)."""
+    from .config import DEFAULT_KEEP_FP
+
+    if not config.keep_fp_by_role or list(config.keep_fp) != DEFAULT_KEEP_FP:   # a keep_fp of the user's own is taken as written
         return config
     from .wrapping.roles import layers_by_role
     from .wrapping.wrap import is_kept

@@ -173,8 +173,8 @@ class QuantConfig(GaqBaseConfig):
     quantize_attention_matmuls: bool = True
     split_skip: bool = True
     keep_fp: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_FP))
-    # also keep the conditioning path, patch embedding and final projection, found in one probe call
-    # (wrapping/roles.py); the names found are added to keep_fp of the quantized model's config
+    # with the default keep_fp, also keep the conditioning path, patch embedding and final projection, found in
+    # one probe call (wrapping/roles.py); the names found are added to keep_fp of the quantized model's config
     keep_fp_by_role: bool = True
     algorithm: AlgorithmConfig | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # recording budget, split and groups

@@ -102,14 +102,16 @@ def example_row(recipe: Recipe, loaded: LoadedModel) -> CalibrationSet:
 def print_memory_estimate(recipe: Recipe, loaded: LoadedModel, device: torch.device, log=print):
     """``--dry-run``: the memory plan calibration would print, from one zero row, without capturing anything."""
     from .algorithms.reconstruction import ReconstructionConfig, plan_sweep
-    from .api import wrap_for_config
+    from .api import with_role_keep_fp, wrap_for_config
 
     qcfg = recipe.quant_config()
     if not isinstance(qcfg.algorithm, ReconstructionConfig):
         log(f"memory estimate: {recipe.algorithm} holds no per-unit cache (model and calibration inputs only)")
         return None
+    row = example_row(recipe, loaded)
+    qcfg = with_role_keep_fp(loaded.unet, qcfg, row)   # the layers the real run keeps
     wrap_for_config(loaded.unet, qcfg)
-    return plan_sweep(loaded.unet, qcfg, example_row(recipe, loaded), qcfg.algorithm, log=log,
+    return plan_sweep(loaded.unet, qcfg, row, qcfg.algorithm, log=log,
                       rows=expected_rows(recipe, loaded), device=device)[1]
 
 

@@ -7,7 +7,7 @@ timesteps such as Euler's stay float), every tensor conditioning input (``encode
 ``class_labels``, ``timestep_cond``, ``attention_mask``, ``encoder_attention_mask``, and each entry of
 ``added_cond_kwargs`` under ``added_cond_kwargs.<name>``; ``None`` entries are left out), and the FP
 output. A CFG-doubled batch gives one row per half. An input without a batch axis (Flux's rotary
-``img_ids`` / ``txt_ids``: a leading axis that is neither the batch nor 1) is the same for every row: it
+``img_ids`` / ``txt_ids``: two or more axes, the first neither the batch nor 1) is the same for every row: it
 is kept once, under ``unbatched.<name>``, and must be equal in every call. Rows are kept in a seeded reservoir per distinct timestep (``max_per_step`` each),
 so memory is bounded however long the user's loop runs and the kept set is timestep-balanced.
 ``finalize`` orders the timesteps from noisiest to cleanest (the recorded "steps"), caps the total at
@@ -84,7 +84,7 @@ class Recorder:
                 for k, vv in v.items():
                     if not _is_empty(vv):
                         cond[f"{name}.{k}"] = self._rows(f"{name}.{k}", vv, b)
-            elif isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] not in (b, 1):
+            elif isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] not in (b, 1):   # 1-D inputs are per row
                 self._keep_unbatched(name, v)
             elif isinstance(v, torch.Tensor):
                 cond[name] = self._rows(name, v, b)

@@ -178,21 +178,30 @@ class TransformerGraph(nn.Module):
 
 @contextlib.contextmanager
 def static_squeeze():
-    """``t.squeeze(d)`` of a non-batch axis whose size is not 1 is a no-op, decided while tracing: the exported
-    resolution is fixed, and torch's exporter would otherwise emit an If on the axis size (PixArt's unpatchify)
-    whose unused branch fails ONNX shape inference."""
-    squeeze = torch.Tensor.squeeze
+    """Two tensor methods as torch's exporter needs them, while tracing a transformer:
 
-    def fixed(self, *dims):
+    - ``t.squeeze(d)`` of a non-batch axis whose size is not 1 is a no-op, decided while tracing: the exported
+      resolution is fixed, and the exporter would otherwise emit an If on the axis size (PixArt's unpatchify)
+      whose unused branch fails ONNX shape inference;
+    - ``t.unflatten(d, sizes)`` is a reshape on the traced shape: the exporter's own symbolic writes the traced
+      batch into the target shape (Flux's ``query.unflatten(-1, (heads, -1))`` then ran at that batch only)."""
+    squeeze, unflatten = torch.Tensor.squeeze, torch.Tensor.unflatten
+
+    def fixed(self, *dims, **kw):
+        dims = dims or tuple(kw.values())
         if len(dims) == 1 and isinstance(dims[0], int) and dims[0] != 0 and self.shape[dims[0]] != 1:
             return self
         return squeeze(self, *dims)
 
-    torch.Tensor.squeeze = fixed
+    def reshaped(self, dim, sizes):
+        d = dim % self.dim()
+        return self.reshape(*self.shape[:d], *sizes, *self.shape[d + 1:])
+
+    torch.Tensor.squeeze, torch.Tensor.unflatten = fixed, reshaped
     try:
         yield
     finally:
-        torch.Tensor.squeeze = squeeze
+        torch.Tensor.squeeze, torch.Tensor.unflatten = squeeze, unflatten
 
 
 @contextlib.contextmanager

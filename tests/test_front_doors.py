@@ -314,6 +314,36 @@ def test_cli_quantizes_a_stable_diffusion_pipeline_folder_and_exports_from_the_f
         assert not (tmp_path / "o2").exists()
 
 
+def test_cli_quantizes_an_sdxl_pipeline_folder_and_exports_it(tmp_path):
+    """A tiny StableDiffusionXLPipeline folder (two text encoders, text_time UNet) through gaq quantize with its
+    own prompts and CFG, then gaq export: SDXL's text_embeds / time_ids recorded and in the graph."""
+    import json
+
+    import onnx
+    import yaml
+    from gaq_backend.cli import main
+    from tiny_pipeline import make_tiny_sdxl_pipeline
+
+    pipe_dir = make_tiny_sdxl_pipeline(str(tmp_path / "tiny-sdxl"))
+    (tmp_path / "prompts.txt").write_text("a red cat\nthe blue sea\n")
+    recipe = dict(model=pipe_dir, algorithm="minmax", sampler=dict(kind="pipeline", num_inference_steps=6),
+                  calibration=dict(n_per_step=4, interval=2, n_groups=3, val_fraction=0.25, batch_size=4, prompts=str(tmp_path / "prompts.txt"),
+                                   guidance_scale=5.0, cache_dir=str(tmp_path / "cache")),
+                  quantization=dict(w_bits=8, a_bits=8), settings=dict(batch_size=16), report=dict(num_samples=2, grid=2, batch_size=2, sensitivity=False))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert main(["quantize", str(tmp_path / "r.yaml"), "--out", str(out), "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["calibration"]["n_train"] + rep["calibration"]["n_val"] == 3 * 8 and rep["metrics"]["noise_mse"] > 0
+    loaded, _, _ = gaq.load_quantized(str(out))
+    assert {"added_cond_kwargs.text_embeds", "added_cond_kwargs.time_ids"} <= set(loaded.gaq_info.held_out.cond)
+    assert any(k.startswith("add_embedding") for k in loaded.gaq_info.wrap.kept)   # kept by role, as ModelOpt keeps it
+    onnx_out = tmp_path / "unet" / "model.onnx"
+    assert main(["export", str(out), "--out", str(onnx_out), "--check-samples", "6", "--quiet"]) == 0
+    names = {i.name for i in onnx.load(str(onnx_out), load_external_data=False).graph.input}
+    assert {"sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"} == names
+
+
 def test_cli_quantizes_a_class_conditional_unet_folder_with_the_recipes_labels(tmp_path):
     import json
 

@@ -130,3 +130,37 @@ def test_the_export_runs_at_other_batch_sizes(tmp_path):
         got = predict_noise(sess, rows.x.numpy(), t.numpy(), 64, {k: v.numpy() for k, v in rows.cond.items()})
         want = unet_forward(q, rows.x, t, rows.cond).numpy()
         assert got.shape == want.shape and np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+
+
+def test_cli_quantizes_a_dit_pipeline_folder_and_exports_it(tmp_path):
+    """A tiny DiTPipeline folder (class labels, its own DDIM and guidance) through gaq quantize and gaq export:
+    the pipeline's transformer is the denoiser; the exported graph is in the transformer contract."""
+    import json
+
+    import onnx
+    import yaml
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+    from gaq_backend.cli import main
+
+    torch.manual_seed(0)   # DiTPipeline's null class is 1000: the label table needs 1000 entries
+    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+                               sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
+    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8)
+    DiTPipeline(transformer=tr, vae=vae, scheduler=DDIMScheduler()).save_pretrained(str(tmp_path / "dit"))
+    recipe = dict(model=str(tmp_path / "dit"), algorithm="uniform", sampler=dict(kind="pipeline", num_inference_steps=6),
+                  calibration=dict(n_per_step=4, interval=2, n_groups=3, val_fraction=0.25, batch_size=4, class_labels=[1, 3],
+                                   cache_dir=str(tmp_path / "cache")),
+                  quantization=dict(w_bits=4, a_bits=8), settings=dict(iters=4, act_iters=4, batch_size=8),
+                  report=dict(num_samples=2, grid=2, batch_size=2))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    assert main(["quantize", str(tmp_path / "r.yaml"), "--out", str(out), "--quiet"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["calibration"]["n_train"] + rep["calibration"]["n_val"] == 3 * 8 and 0 < rep["metrics"]["noise_mse"] < 1e-2
+    loaded, _, _ = gaq.load_quantized(str(out))
+    assert type(loaded).__name__ == "DiTTransformer2DModel" and "class_labels" in loaded.gaq_info.held_out.cond
+    onnx_out = tmp_path / "transformer" / "model.onnx"
+    assert main(["export", str(out), "--out", str(onnx_out), "--weights", "int4", "--check-samples", "6", "--quiet"]) == 0
+    names = [i.name for i in onnx.load(str(onnx_out), load_external_data=False).graph.input]
+    assert names == ["hidden_states", "timestep", "class_labels"] and (onnx_out.parent / "config.json").exists()

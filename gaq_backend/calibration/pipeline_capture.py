@@ -90,7 +90,9 @@ def capture_from_pipeline(pipe: Any, recipe, progress: bool = True):
     raw = cached = read_tensors(path)
     if raw is None:
         # CFG doubles the rows of each call: keep them all (up to the reservoir bound)
-        recorder = Recorder(pipe.unet, max_per_step=2 * cal.n_per_step, seed=cal.seed, keep=kept.__contains__)
+        from ..models.loading import denoiser_of
+
+        recorder = Recorder(denoiser_of(pipe), max_per_step=2 * cal.n_per_step, seed=cal.seed, keep=kept.__contains__)
         with recorder, torch.no_grad():
             for kw in calls:
                 pipe(**kw, output_type="latent")

@@ -57,12 +57,18 @@ def _load_model(model: str, options: Any = None) -> LoadedModel:
             pipe = DiffusionPipeline.from_pretrained(path, variant=variant or None, **({"torch_dtype": dtype} if dtype else {}))
         except Exception as e:  # diffusers / transformers raise many types for a broken folder
             raise ValueError(f"{path}: diffusers cannot load this pipeline ({one_line(e, 200)})") from None
-        if getattr(pipe, "unet", None) is None:
-            raise ValueError(f"{path}: the pipeline has no 'unet' component (gaq quantizes UNets)")
+        denoiser = denoiser_of(pipe)
+        if denoiser is None:
+            raise ValueError(f"{path}: the pipeline has no 'unet' or 'transformer' component (gaq quantizes the denoiser)")
         pipe.set_progress_bar_config(disable=True)
-        return LoadedModel(pipe.unet.eval(), dict(pipe.scheduler.config), pipe, path)
+        return LoadedModel(denoiser.eval(), dict(pipe.scheduler.config), pipe, path)
     unet = load_unet(os.path.join(path, subfolder) if subfolder else path, variant or None)
     return LoadedModel(unet.to(dtype) if dtype else unet, _read_scheduler_config(path), None, path)
+
+
+def denoiser_of(pipe: Any):
+    """A pipeline's denoiser: its ``unet`` (SD, SDXL, LDM) or its ``transformer`` (DiT, PixArt, SD3, Flux)."""
+    return getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
 
 
 def make_scheduler_for(kind: str, scheduler_config: dict, pipeline: Any | None = None):

@@ -20,7 +20,7 @@ import onnx
 import torch
 from torch import nn
 
-from gaq_backend.sampling import unet_forward
+from gaq_backend.sampling import forward_with_hooks
 
 from .validate import in_float64
 
@@ -51,7 +51,7 @@ def scope_of(module_name: str) -> str:
 def _module_outputs(unet: nn.Module, x, t, cond) -> dict[str, np.ndarray]:
     """Output of every module called exactly once with one tensor out, in call order."""
     outs: dict[str, list] = {}
-    _with_hooks(unet, [n for n, _ in unet.named_modules() if n], lambda mod, a, o, n: outs.setdefault(n, []).append(o), x, t, cond)
+    forward_with_hooks(unet, [n for n, _ in unet.named_modules() if n], lambda mod, a, o, n: outs.setdefault(n, []).append(o), x, t, cond)
     return {n: o[0].detach().double().numpy() for n, o in outs.items() if len(o) == 1 and isinstance(o[0], torch.Tensor)}
 
 
@@ -177,7 +177,7 @@ def layer_check(model: onnx.ModelProto, unet: nn.Module, x: torch.Tensor, t: tor
             if got.shape == mine.shape:
                 results.append(LayerParity(name, node, float(np.abs(got - mine).mean() / (np.abs(mine).mean() or 1.0))))
 
-        _with_hooks(unet, group, check, x, t, cond)
+        forward_with_hooks(unet, group, check, x, t, cond)
     return results
 
 
@@ -214,27 +214,10 @@ def _nodes_by_module(model: onnx.ModelProto, unet: nn.Module) -> dict[str, list[
     return out
 
 
-def _with_hooks(unet: nn.Module, names: list[str], fn, x, t, cond) -> None:
-    """One forward call of ``unet`` with ``fn(module, args, out, name)`` called after each named module (what it
-    returns is dropped: a forward hook's return value would replace the module's output)."""
-    modules = dict(unet.named_modules())
-
-    def hook(mod, a, o, n):
-        fn(mod, a, o, n)
-
-    hooks = [modules[n].register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n in names]
-    try:
-        with torch.no_grad():
-            unet_forward(unet, x, t, cond)
-    finally:
-        for h in hooks:
-            h.remove()
-
-
 def _groups(unet: nn.Module, x, t, cond, names: list[str], budget_bytes: int) -> list[list[str]]:
     """``names`` in call order, cut where the float32 inputs and outputs onnxruntime exposes would exceed the budget."""
     size: dict[str, int] = {}
-    _with_hooks(unet, names, lambda mod, a, o, n: size.setdefault(n, 4 * (a[0].numel() + o.numel())), x, t, cond)
+    forward_with_hooks(unet, names, lambda mod, a, o, n: size.setdefault(n, 4 * (a[0].numel() + o.numel())), x, t, cond)
     groups: list[list[str]] = [[]]
     used = 0
     for n in size:   # call order

@@ -45,6 +45,24 @@ def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
     return unet(timestep=t.to(device), **kwargs).sample
 
 
+def forward_with_hooks(model: torch.nn.Module, names: list[str], fn, x: torch.Tensor, t: torch.Tensor,
+                       cond: dict[str, torch.Tensor] | None = None) -> None:
+    """One :func:`unet_forward` call with ``fn(module, args, out, name)`` called after each named module (what it
+    returns is dropped: a forward hook's return value would replace the module's output)."""
+    modules = dict(model.named_modules())
+
+    def hook(mod, a, o, n):
+        fn(mod, a, o, n)
+
+    hooks = [modules[n].register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n in names]
+    try:
+        with torch.no_grad():
+            unet_forward(model, x, t, cond)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def first_weight(model: torch.nn.Module) -> torch.Tensor:
     """The weight of the model's first Conv2d / Linear: its device and the dtype it computes in (a quantized
     model's scales are float32). Not ``conv_in``: a denoiser need not have one."""

@@ -6,16 +6,14 @@ Optimum's deployment environment too (transformers 4.57 cannot read a CLIP model
 import torch
 
 
-def make_tiny_sd_pipeline(path: str) -> str:
-    """A tiny StableDiffusionPipeline folder written by the test: random CLIP text model (16 positions, as Optimum's
-    export traces the text encoder at sequence length 16), a 55-token
-    character tokenizer, a two-level UNet2DConditionModel, a one-level VAE, the Euler scheduler."""
+def char_tokenizer(path: str):
+    """(a 55-token character CLIPTokenizer with 16 positions, its vocabulary); its source files are written beside
+    ``path`` and removed once it is built."""
     import json
     import os
     import shutil
 
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
     for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz"):
@@ -27,6 +25,18 @@ def make_tiny_sd_pipeline(path: str) -> str:
     with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
     tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"), model_max_length=16, pad_token="!")
+    shutil.rmtree(tok_dir)
+    return tokenizer, vocab
+
+
+def make_tiny_sd_pipeline(path: str) -> str:
+    """A tiny StableDiffusionPipeline folder written by the test: random CLIP text model (16 positions, as Optimum's
+    export traces the text encoder at sequence length 16), a 55-token
+    character tokenizer, a two-level UNet2DConditionModel, a one-level VAE, the Euler scheduler."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer, vocab = char_tokenizer(path)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2, hidden_size=12, intermediate_size=16,
                                                 num_attention_heads=2, num_hidden_layers=1, vocab_size=len(vocab),
@@ -39,7 +49,6 @@ def make_tiny_sd_pipeline(path: str) -> str:
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
-    shutil.rmtree(tok_dir)
     return path
 
 
@@ -47,23 +56,10 @@ def make_tiny_sdxl_pipeline(path: str) -> str:
     """A tiny StableDiffusionXLPipeline folder: two random CLIP text models (the second with a projection, whose
     pooled output is SDXL's ``text_embeds``) sharing the character tokenizer above, a two-level ``text_time``
     UNet2DConditionModel reading both encoders' hidden states, a one-level VAE, the Euler scheduler."""
-    import json
-    import os
-    import shutil
-
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for i, ch in enumerate("abcdefghijklmnopqrstuvwxyz"):
-        vocab[ch], vocab[ch + "</w>"] = 3 + i, 29 + i
-    tok_dir = os.path.join(path + "-tokenizer-src")
-    os.makedirs(tok_dir, exist_ok=True)
-    with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"), model_max_length=16, pad_token="!")
+    tokenizer, vocab = char_tokenizer(path)
     torch.manual_seed(0)
     clip = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1,
                 vocab_size=len(vocab), max_position_embeddings=16)
@@ -78,5 +74,4 @@ def make_tiny_sdxl_pipeline(path: str) -> str:
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
                                      tokenizer_2=tokenizer, unet=unet, scheduler=EulerDiscreteScheduler())
     pipe.save_pretrained(path)
-    shutil.rmtree(tok_dir)
     return path

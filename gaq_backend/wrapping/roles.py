@@ -23,17 +23,11 @@ from torch import nn
 def layers_by_role(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict) -> dict[str, list[str]]:
     """``{"conditioning": [...], "patch embedding": [name], "final projection": [name]}`` from one call on one
     recorded input row (Conv2d / Linear layers only)."""
-    from ..sampling import unet_forward
+    from ..sampling import forward_with_hooks
 
     order: list[tuple[str, int]] = []   # (layer, rank of its input) in call order
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append((n, args[0].dim())))
-             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            unet_forward(model, x, t, cond)
-    finally:
-        for h in hooks:
-            h.remove()
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    forward_with_hooks(model, layers, lambda mod, args, out, n: order.append((n, args[0].dim())), x, t, cond)
     if not order:
         return {}
     roles = {"conditioning": sorted({n for n, rank in order if rank == 2}),

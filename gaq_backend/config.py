@@ -133,6 +133,9 @@ class CalibrationConfig(GaqBaseConfig):
     height: int = field(default=0, metadata=at_least(0))   # 0: the pipeline's default
     width: int = field(default=0, metadata=at_least(0))
     class_labels: list[int] = field(default_factory=list)
+    # further keyword arguments of the pipeline's call, passed as given (e.g. use_resolution_binning: false,
+    # max_sequence_length: 64); the ones gaq sets itself (prompt, generator, ...) are refused
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
     # float calibration inputs held in this precision during calibration ("model": the model's dtype);
     # float16 / bfloat16 halve their memory for a float32 model (docs/memory.md measures the effect)
     storage_dtype: Literal["model", "float16", "bfloat16"] = "model"
@@ -218,6 +221,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         allowed = typing.get_args(tp)
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key} must be a mapping of names to values; got {value!r}")
+        _, item = typing.get_args(tp)
+        return {k: _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        if not isinstance(value, (bool, int, float, str, list, type(None))):
+            raise ConfigError(f"{key} must be a number, string, boolean, list or null; got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, list):

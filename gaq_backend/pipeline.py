@@ -16,7 +16,7 @@ from .config import ConfigError
 from .evaluation import noise_mse, save_grid, side_by_side, to_uint8
 from .evaluation.images import grid
 from .evaluation.sensitivity import float_weights, layer_sensitivity
-from .calibration.pipeline_capture import capture_from_pipeline, pipeline_images
+from .calibration.pipeline_capture import capture_from_pipeline, pipeline_example_row, pipeline_images
 from .models.loading import LoadedModel, load_model, make_scheduler_for, resolve_model_path
 from .recipe import Recipe
 from .sampling import ddim_sample, initial_noise, model_dtype
@@ -45,14 +45,17 @@ def preflight(recipe: Recipe, loaded: LoadedModel) -> None:
         if getattr(unet.config, "cross_attention_dim", None):
             raise ConfigError(f"{loaded.path}: this UNet needs text conditioning; give the pipeline folder "
                               "(model_index.json) as model:, or quantize it from Python with your own loop (README)")
+        if recipe.calibration.pipeline_kwargs:
+            raise ConfigError(f"calibration.pipeline_kwargs: {loaded.path} is not a pipeline folder (model_index.json)")
         class_conditioning(unet, recipe.calibration.class_labels, 1)
         if recipe.sampler.kind != "ddim":
             raise ConfigError(f"sampler.kind {recipe.sampler.kind!r}: a bare UNet folder is sampled with gaq's DDIM loop "
                               "(kind: ddim); other schedulers need a pipeline folder")
     else:
-        from .calibration.pipeline_capture import read_prompts
+        from .calibration.pipeline_capture import pipeline_kwargs, read_prompts
 
         make_scheduler_for(recipe.sampler.kind, sched_cfg, loaded.pipeline)
+        pipeline_kwargs(loaded.pipeline, recipe.calibration.pipeline_kwargs)
         if getattr(loaded.pipeline, "text_encoder", None) is not None:
             read_prompts(recipe.calibration.prompts)
         elif not recipe.calibration.class_labels:
@@ -63,8 +66,7 @@ def preflight(recipe: Recipe, loaded: LoadedModel) -> None:
         raise ConfigError(f"sampler.num_inference_steps must be at most the scheduler's num_train_timesteps ({n_train}); "
                           f"got {recipe.sampler.num_inference_steps}")
     check_keep_fp(unet, recipe.quantization.keep_fp)
-    size = unet.config.sample_size
-    image = unet.config.in_channels * (size * size if isinstance(size, int) else size[0] * size[1]) * 4
+    image = image_elements(recipe, loaded) * 4
     # the report holds the initial noise, FP and quantized images, and a sampler batch's working set
     check_fits(recipe.report.num_samples * image * 3 + recipe.report.batch_size * image * 200,
                f"{recipe.report.num_samples} report samples", "report.num_samples")
@@ -74,29 +76,32 @@ def preflight(recipe: Recipe, loaded: LoadedModel) -> None:
                f"{calib.n_per_step * n_recorded} calibration samples", "calibration.n_per_step")
 
 
-def expected_rows(recipe: Recipe, loaded: LoadedModel) -> int:
-    """Calibration rows the recipe's capture will record (classifier-free guidance records two per image)."""
-    cal = recipe.calibration
-    rows = cal.n_per_step * len(range(0, recipe.sampler.num_inference_steps, cal.interval))
-    cfg_pairs = getattr(loaded.pipeline, "text_encoder", None) is not None and cal.guidance_scale > 1
-    return rows * (2 if cfg_pairs else 1)
+def image_elements(recipe: Recipe, loaded: LoadedModel) -> int:
+    """Elements of one sampled image for the memory checks: the latent, or for a pipeline the larger of the latent
+    and the decoded RGB image (Flux's transformer has no ``sample_size``: the pipeline's default size stands in)."""
+    cfg, pipe, cal = loaded.unet.config, loaded.pipeline, recipe.calibration
+    size = getattr(cfg, "sample_size", None) or getattr(pipe, "default_sample_size", None) or 64
+    h, w = (size, size) if isinstance(size, int) else size[:2]
+    if pipe is None:
+        return cfg.in_channels * h * w
+    scale = getattr(pipe, "vae_scale_factor", None) or 8
+    h, w = (cal.height or h * scale) // scale, (cal.width or w * scale) // scale
+    return max(cfg.in_channels * h * w, 3 * h * w * scale * scale)
 
 
-def example_row(recipe: Recipe, loaded: LoadedModel) -> CalibrationSet:
-    """One zero calibration row shaped as the capture will record it (latent size, prompt length)."""
+def example_row(recipe: Recipe, loaded: LoadedModel) -> tuple[CalibrationSet, int]:
+    """(one zero calibration row shaped as the capture will record it (latent size, prompt length), the rows the
+    capture records per image and step); a pipeline runs its first step to tell."""
     from exporters.signature import cond_inputs, example_inputs
 
-    unet, pipe, cal = loaded.unet, loaded.pipeline, recipe.calibration
-    tokenizer = getattr(pipe, "tokenizer", None)
-    inputs = example_inputs(unet, batch=1, sequence=getattr(tokenizer, "model_max_length", 77))
-    x = inputs[0]
-    scale = getattr(pipe, "vae_scale_factor", None)
-    if scale and (cal.height or cal.width):
-        h, w = cal.height or x.shape[2] * scale, cal.width or x.shape[3] * scale
-        x = torch.zeros(1, x.shape[1], h // scale, w // scale)
+    unet, pipe = loaded.unet, loaded.pipeline
+    if pipe is not None:
+        return pipeline_example_row(pipe, recipe)
+    inputs = example_inputs(unet, batch=1)
     zero, dtype = torch.zeros(1, dtype=torch.long), model_dtype(unet)
     cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in zip(cond_inputs(unet), inputs[2:])}
-    return CalibrationSet(x.to(dtype), inputs[1].reshape(1), x.to(dtype), zero, zero.bool(), zero, cond)
+    x = inputs[0].to(dtype)
+    return CalibrationSet(x, inputs[1].reshape(1), x, zero, zero.bool(), zero, cond), 1
 
 
 def print_memory_estimate(recipe: Recipe, loaded: LoadedModel, device: torch.device, log=print):
@@ -108,11 +113,12 @@ def print_memory_estimate(recipe: Recipe, loaded: LoadedModel, device: torch.dev
     if not isinstance(qcfg.algorithm, ReconstructionConfig):
         log(f"memory estimate: {recipe.algorithm} holds no per-unit cache (model and calibration inputs only)")
         return None
-    row = example_row(recipe, loaded)
+    row, per_image = example_row(recipe, loaded)
     qcfg = with_role_keep_fp(loaded.unet, qcfg, row)   # the layers the real run keeps
     wrap_for_config(loaded.unet, qcfg)
-    return plan_sweep(loaded.unet, qcfg, row, qcfg.algorithm, log=log,
-                      rows=expected_rows(recipe, loaded), device=device)[1]
+    cal = recipe.calibration
+    rows = cal.n_per_step * len(range(0, recipe.sampler.num_inference_steps, cal.interval)) * per_image
+    return plan_sweep(loaded.unet, qcfg, row, qcfg.algorithm, log=log, rows=rows, device=device)[1]
 
 
 def default_out_dir(recipe: Recipe) -> str:

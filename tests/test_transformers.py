@@ -132,35 +132,92 @@ def test_the_export_runs_at_other_batch_sizes(tmp_path):
         assert got.shape == want.shape and np.abs(got - want).max() < 1e-3 * np.abs(want).max()
 
 
-def test_cli_quantizes_a_dit_pipeline_folder_and_exports_it(tmp_path):
-    """A tiny DiTPipeline folder (class labels, its own DDIM and guidance) through gaq quantize and gaq export:
-    the pipeline's transformer is the denoiser; the exported graph is in the transformer contract."""
+def _pipeline_recipe(tmp_path, model, **calibration):
+    return dict(model=model, algorithm="uniform", sampler=dict(kind="pipeline", num_inference_steps=4),
+                calibration=dict(dict(n_per_step=4, interval=2, n_groups=2, val_fraction=0.25, batch_size=4,
+                                      cache_dir=str(tmp_path / "cache")), **calibration),
+                quantization=dict(w_bits=4, a_bits=8), settings=dict(iters=4, act_iters=4, batch_size=8),
+                report=dict(num_samples=2, grid=2, batch_size=2))
+
+
+def _quantize_and_export(tmp_path, recipe, weights="int8"):
     import json
 
     import onnx
     import yaml
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
     from gaq_backend.cli import main
 
-    torch.manual_seed(0)   # DiTPipeline's null class is 1000: the label table needs 1000 entries
-    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-                               sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero")
-    vae = AutoencoderKL(block_out_channels=(8,), in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4, sample_size=8)
-    DiTPipeline(transformer=tr, vae=vae, scheduler=DDIMScheduler()).save_pretrained(str(tmp_path / "dit"))
-    recipe = dict(model=str(tmp_path / "dit"), algorithm="uniform", sampler=dict(kind="pipeline", num_inference_steps=6),
-                  calibration=dict(n_per_step=4, interval=2, n_groups=3, val_fraction=0.25, batch_size=4, class_labels=[1, 3],
-                                   cache_dir=str(tmp_path / "cache")),
-                  quantization=dict(w_bits=4, a_bits=8), settings=dict(iters=4, act_iters=4, batch_size=8),
-                  report=dict(num_samples=2, grid=2, batch_size=2))
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
     assert main(["quantize", str(tmp_path / "r.yaml"), "--out", str(out), "--quiet"]) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["calibration"]["n_train"] + rep["calibration"]["n_val"] == 3 * 8 and 0 < rep["metrics"]["noise_mse"] < 1e-2
-    loaded, _, _ = gaq.load_quantized(str(out))
-    assert type(loaded).__name__ == "DiTTransformer2DModel" and "class_labels" in loaded.gaq_info.held_out.cond
     onnx_out = tmp_path / "transformer" / "model.onnx"
-    assert main(["export", str(out), "--out", str(onnx_out), "--weights", "int4", "--check-samples", "6", "--quiet"]) == 0
-    names = [i.name for i in onnx.load(str(onnx_out), load_external_data=False).graph.input]
-    assert names == ["hidden_states", "timestep", "class_labels"] and (onnx_out.parent / "config.json").exists()
+    assert main(["export", str(out), "--out", str(onnx_out), "--weights", weights, "--check-samples", "4", "--quiet"]) == 0
+    assert (onnx_out.parent / "config.json").exists()
+    return rep, [i.name for i in onnx.load(str(onnx_out), load_external_data=False).graph.input]
+
+
+def test_cli_quantizes_a_dit_pipeline_folder_and_exports_it(tmp_path):
+    """A tiny DiTPipeline folder (class labels, its own DDIM and guidance) through gaq quantize and gaq export:
+    the pipeline's transformer is the denoiser; the exported graph is in the transformer contract."""
+    from tiny_pipeline import make_tiny_dit_pipeline
+
+    recipe = _pipeline_recipe(tmp_path, make_tiny_dit_pipeline(str(tmp_path / "dit")), class_labels=[1, 3])
+    recipe["sampler"]["num_inference_steps"] = 6
+    recipe["calibration"]["n_groups"] = 3
+    rep, names = _quantize_and_export(tmp_path, recipe, weights="int4")
+    assert rep["calibration"]["n_train"] + rep["calibration"]["n_val"] == 3 * 8 and 0 < rep["metrics"]["noise_mse"] < 1e-2
+    loaded, _, _ = gaq.load_quantized(str(tmp_path / "out"))
+    assert type(loaded).__name__ == "DiTTransformer2DModel" and "class_labels" in loaded.gaq_info.held_out.cond
+    assert names == ["hidden_states", "timestep", "class_labels"]
+
+
+# each text-to-image pipeline: its ONNX inputs, and whether it runs classifier-free guidance as a doubled batch
+TEXT_PIPELINES = {
+    "pixart": (["hidden_states", "timestep", "encoder_attention_mask", "encoder_hidden_states"], 2),
+    "sd3": (["hidden_states", "timestep", "encoder_hidden_states", "pooled_projections"], 2),
+    "flux": (["hidden_states", "timestep", "encoder_hidden_states", "guidance", "pooled_projections", "img_ids", "txt_ids"], 1),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TEXT_PIPELINES))
+def test_cli_quantizes_a_text_to_image_transformer_pipeline_folder(tmp_path, kind, capsys):
+    """Tiny PixArt-alpha, SD3 and Flux pipeline folders (random T5 / CLIP text encoders, their own DPM-Solver or
+    flow-matching Euler) through --dry-run, gaq quantize and gaq export. Flux takes t / 1000 and embeds guidance
+    (one row per image); the others double the batch for guidance. Every other timestep of each run is recorded."""
+    import yaml
+
+    import tiny_pipeline
+    from gaq_backend.cli import main
+
+    path = getattr(tiny_pipeline, f"make_tiny_{kind}_pipeline")(str(tmp_path / kind))
+    (tmp_path / "prompts.txt").write_text("a red cat\na blue dog\n")
+    extra = dict(pipeline_kwargs=dict(use_resolution_binning=False)) if kind == "pixart" else {}
+    recipe = _pipeline_recipe(tmp_path, path, prompts=str(tmp_path / "prompts.txt"), height=16, width=16, guidance_scale=3.0, **extra)
+    inputs, per_image = TEXT_PIPELINES[kind]
+    (tmp_path / "dry.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["quantize", str(tmp_path / "dry.yaml"), "--dry-run", "--out", str(tmp_path / "dry")]) == 0
+    assert f"for {4 * 2 * per_image} calibration rows" in capsys.readouterr().out and not (tmp_path / "dry").exists()
+    rep, names = _quantize_and_export(tmp_path, recipe)
+    assert rep["calibration"]["n_train"] + rep["calibration"]["n_val"] == 4 * 2 * per_image
+    assert 0 < rep["metrics"]["noise_mse"] < 1e-2 and names == inputs
+
+
+def test_pipeline_kwargs_are_checked_against_the_pipeline(tmp_path):
+    from gaq_backend.calibration.pipeline_capture import pipeline_kwargs
+    from gaq_backend.config import ConfigError
+    from diffusers import DiffusionPipeline
+    from tiny_pipeline import make_tiny_dit_pipeline
+
+    pipe = DiffusionPipeline.from_pretrained(make_tiny_dit_pipeline(str(tmp_path / "dit")))
+    assert pipeline_kwargs(pipe, {}) == {}
+    with pytest.raises(ConfigError, match="takes no argument 'use_resolution_binning'"):
+        pipeline_kwargs(pipe, {"use_resolution_binning": False})
+    with pytest.raises(ConfigError, match="gaq sets generator itself"):
+        pipeline_kwargs(pipe, {"generator": 1})
+    from gaq_backend.config import CalibrationConfig, from_dict
+
+    with pytest.raises(ConfigError, match="calibration.pipeline_kwargs must be a mapping"):
+        from_dict(CalibrationConfig, {"pipeline_kwargs": 3}, "calibration")
+    with pytest.raises(ConfigError, match="calibration.pipeline_kwargs.x must be a number, string"):
+        from_dict(CalibrationConfig, {"pipeline_kwargs": {"x": {"y": 1}}}, "calibration")

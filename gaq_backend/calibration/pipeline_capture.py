@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from ..utils.cache import prepare_cache_dir, read_tensors, write_tensors
 from .capture import check_finite, model_fingerprint
 from .recorder import Recorder, calibration_from_tensors
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2   # 2: steps kept by call index (was: by timestep value)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -49,12 +50,29 @@ def _call_kwargs(pipe: Any, recipe, n: int, seed: int) -> list[dict]:
         base.update(height=cal.height or None, width=cal.width or None)
     if "eta" in _parameters(pipe):
         base["eta"] = recipe.sampler.eta
+    base.update(pipeline_kwargs(pipe, cal.pipeline_kwargs))
     calls = []
     for b0 in range(0, n, cal.batch_size):
         items = per_image[b0: b0 + cal.batch_size]
         kw = {k: [it[k] for it in items] for k in items[0]}
         calls.append(dict(base, **kw, generator=[torch.Generator().manual_seed(seed + b0 + i) for i in range(len(items))]))
     return calls
+
+
+# the call arguments gaq sets itself, from the recipe (a pipeline_kwargs entry may not override them)
+GAQ_SETS = ("prompt", "class_labels", "generator", "num_inference_steps", "guidance_scale", "height", "width", "eta",
+            "output_type", "latents")
+
+
+def pipeline_kwargs(pipe: Any, extra: dict) -> dict:
+    """``calibration.pipeline_kwargs``, checked against the pipeline's call signature."""
+    params = _parameters(pipe)
+    for k in extra:
+        if k in GAQ_SETS:
+            raise ConfigError(f"calibration.pipeline_kwargs.{k}: gaq sets {k} itself (from the recipe); remove it")
+        if k not in params:
+            raise ConfigError(f"calibration.pipeline_kwargs.{k}: {type(pipe).__name__}.__call__ takes no argument {k!r}")
+    return dict(extra)
 
 
 def _parameters(pipe: Any) -> set[str]:
@@ -75,9 +93,6 @@ def capture_from_pipeline(pipe: Any, recipe, progress: bool = True):
     """``n_per_step`` images through the pipeline; every ``interval``-th of its timesteps is recorded."""
     cal = recipe.calibration
     use_scheduler(pipe, recipe)
-    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    sched.set_timesteps(recipe.sampler.num_inference_steps)
-    kept = {float(t) for t in sched.timesteps[::cal.interval]}
     calls = _call_kwargs(pipe, recipe, cal.n_per_step, cal.seed)
     # every module the calls run (text encoders, VAE, UNet) and the tokenizers' vocabularies key the cache
     parts = {name: model_fingerprint(c) if isinstance(c, torch.nn.Module) else (type(c).__name__, len(getattr(c, "get_vocab", dict)()))
@@ -92,14 +107,50 @@ def capture_from_pipeline(pipe: Any, recipe, progress: bool = True):
         # CFG doubles the rows of each call: keep them all (up to the reservoir bound)
         from ..models.loading import denoiser_of
 
-        recorder = Recorder(denoiser_of(pipe), max_per_step=2 * cal.n_per_step, seed=cal.seed, keep=kept.__contains__)
+        # the i-th denoiser call of a run is the scheduler's i-th timestep (Flux reads it divided by 1000)
+        recorder = Recorder(denoiser_of(pipe), max_per_step=2 * cal.n_per_step, seed=cal.seed,
+                            keep_call=lambda i: i % cal.interval == 0)
         with recorder, torch.no_grad():
             for kw in calls:
+                recorder.start_run()
                 pipe(**kw, output_type="latent")
         raw = recorder.tensors()
         check_finite(raw)
         write_tensors(path, raw)
     return calibration_from_tensors(raw, cal.val_fraction, cal.n_groups, cal.seed), cached is not None
+
+
+@torch.no_grad()
+def pipeline_example_row(pipe: Any, recipe):
+    """(one calibration row exactly as capture records it (any denoiser's inputs, the recipe's size and prompt
+    length), the rows each image records per step), from one image's first sampler step: what ``--dry-run`` sizes
+    its memory plan with."""
+    from ..models.loading import denoiser_of
+    from .capture import CalibrationSet
+
+    class FirstCall(Exception):
+        pass
+
+    def stop(*_):
+        raise FirstCall
+
+    use_scheduler(pipe, recipe)
+    denoiser = denoiser_of(pipe)
+    recorder = Recorder(denoiser, max_per_step=2**20, seed=0)
+    with recorder:
+        handle = denoiser.register_forward_hook(stop)   # runs after the recorder's hook: the rest of the run is skipped
+        try:
+            pipe(**_call_kwargs(pipe, recipe, 1, recipe.calibration.seed)[0], output_type="latent")
+        except FirstCall:
+            pass
+        finally:
+            handle.remove()
+    raw = recorder.tensors()
+    per_image = len(raw["x"])   # 2 where the pipeline runs classifier-free guidance as a doubled batch
+    raw = {k: v[:1] for k, v in raw.items()}
+    zero = torch.zeros(1, dtype=torch.long)
+    cond = {k: v for k, v in raw.items() if k not in ("x", "t", "eps", "step", "timesteps")}
+    return CalibrationSet(raw["x"], raw["t"], raw["eps"], zero, zero.bool(), zero, cond), per_image
 
 
 @torch.no_grad()

@@ -46,8 +46,11 @@ class Recorder:
     """``with Recorder(unet) as rec: user_code(); calib = rec.finalize(...)``."""
 
     def __init__(self, unet: nn.Module, max_per_step: int = 256, seed: int = 0,
-                 keep: Callable[[float], bool] | None = None) -> None:
-        self.unet, self.max_per_step, self.keep = unet, max_per_step, keep
+                 keep: Callable[[float], bool] | None = None, keep_call: Callable[[int], bool] | None = None) -> None:
+        # keep: which timestep values to record; keep_call: which calls, by their index since start_run() (a
+        # pipeline's i-th denoiser call is its scheduler's i-th timestep, whatever scale the model reads t in)
+        self.unet, self.max_per_step, self.keep, self.keep_call = unet, max_per_step, keep, keep_call
+        self.run_calls = 0
         self.signature = inspect.signature(unet.forward)
         self.input = input_name(unet)
         self.unbatched: dict[str, torch.Tensor] = {}
@@ -92,7 +95,9 @@ class Recorder:
                 raise RecordingError(f"UNet input '{name}' ({type(v).__name__}) cannot be recorded for calibration; "
                                      "gaq records tensors and added_cond_kwargs only")
         eps = output.sample if hasattr(output, "sample") else output[0]
-        self.calls += 1
+        self.calls, self.run_calls = self.calls + 1, self.run_calls + 1
+        if self.keep_call is not None and not self.keep_call(self.run_calls - 1):
+            return
         for i in range(b):
             key = float(t[i])
             if self.keep is not None and not self.keep(key):
@@ -100,6 +105,10 @@ class Recorder:
             row = {"x": x[i].detach().cpu().clone(), "t": t[i].detach().cpu().clone(), "eps": eps[i].detach().cpu().clone()}
             row.update({k: v[i].detach().cpu().clone() for k, v in cond.items()})
             self._reservoir(key, row)
+
+    def start_run(self) -> None:
+        """A new sampling run begins: ``keep_call`` counts its calls from 0."""
+        self.run_calls = 0
 
     def _keep_unbatched(self, name: str, v: torch.Tensor) -> None:
         v = v.detach().cpu()

@@ -34,12 +34,46 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
+    from .evaluation import pipeline_eval
+    from .pipeline import resolve_device
+
+    pe = pipeline_eval
+    if args.reference or args.reference_count:
+        raise ValueError("--reference: a pipeline is evaluated against its FP pipeline's images, not a reference set")
+    n = args.num_samples or pe.default_count(args.dir, args.prompts)
+    if args.sample_only:
+        fp, q, info = pe.sample_pipelines(args.dir, args.prompts, n, args.seed, args.steps, args.batch_size,
+                                          progress=not args.quiet, device=resolve_device(args.device))
+        pe.write_pipeline_images(args.dir, fp, q, info)
+        print(f"wrote {os.path.join(args.dir, pe.IMAGES_FILE)} (score it with gaq eval {args.dir} --from-images)")
+        return 0
+    res = pe.evaluate_pipeline_dir(args.dir, args.prompts, n, args.seed, args.steps, args.batch_size, args.clip,
+                                   progress=not args.quiet, device="cpu" if args.from_images else resolve_device(args.device),
+                                   from_images=args.from_images)
+    m = res["metrics"]
+    print(f"{res['pipeline']}: n = {n} image pairs from the same prompts and seeds, {res['sampler']['num_inference_steps']} steps")
+    print(f"quantized vs FP: PSNR {_mean(m['psnr'])} dB  SSIM {_mean(m['ssim'])}  FID vs FP {m['fid_vs_fp']:.2f}")
+    if "clip_score" in m:
+        print(f"CLIP score: FP {_mean(m['clip_score']['fp'])}  quantized {_mean(m['clip_score']['quantized'])}")
+    print(f"wrote {os.path.join(args.dir, 'eval.json')} and eval-samples.png")
+    return 0
+
+
+def _mean(s: dict) -> str:
+    return "identical" if s["mean"] is None else f"{s['mean']:.3f} +- {s['std']:.3f}"
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import pipeline_eval
     from .evaluation.fid_eval import IMAGES_FILE, evaluate_dir, sample_dir
     from .evaluation.reference import default_reference
     from .pipeline import resolve_device
 
     check_input(args.dir, "DIR", "folder")
+    if args.prompts or args.clip or pipeline_eval.from_pipeline(args.dir):
+        return _cmd_eval_pipeline(args)
+    args.num_samples = args.num_samples or 2000
     if args.sample_only:
         info = sample_dir(args.dir, args.num_samples, args.seed, args.steps, args.batch_size, progress=not args.quiet,
                           device=resolve_device(args.device), cache_dir=args.cache_dir)
@@ -240,11 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
 
-    e = sub.add_parser("eval", parents=[common], help="FID / sFID / precision / recall of a quantized folder and its FP model")
+    e = sub.add_parser("eval", parents=[common], help="FID / sFID / precision / recall of a quantized folder and its FP model; "
+                         "for a pipeline: PSNR / SSIM / FID / CLIP score of its images against the FP pipeline's")
     e.add_argument("dir", help="output folder of gaq quantize")
     e.add_argument("--reference", help="MNIST IDX file, folder of PNG/JPEG, or 'embedded-digits' "
                    "(default: $GAQ_MNIST_TEST, else ../shared/data/mnist test set, else embedded-digits)")
-    e.add_argument("--num-samples", type=_int_in(4), default=2000)
+    e.add_argument("--num-samples", type=_int_in(4), help="images per model (default: 2000; a pipeline: one per prompt, "
+                   "or 8 per class label)")
+    e.add_argument("--prompts", help="pipeline folders: text file of prompts, one a line (images cycle through them)")
+    e.add_argument("--clip", metavar="DIR", help="pipeline folders: a local CLIP model folder for CLIP scores of both models")
     e.add_argument("--seed", type=SEED_ARG, default=0)
     e.add_argument("--steps", type=_int_in(1, 1000), help="DDIM steps (default: the recipe's sampler)")
     e.add_argument("--batch-size", type=POSITIVE, default=250)

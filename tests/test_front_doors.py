@@ -308,6 +308,17 @@ def test_cli_quantizes_a_stable_diffusion_pipeline_folder_and_exports_from_the_f
     onnx_out = tmp_path / "unet" / "model.onnx"
     assert main(["export", str(out), "--out", str(onnx_out), "--check-samples", "6", "--quiet"]) == 0
     assert (onnx_out.parent / "config.json").exists()
+    # gaq eval --prompts: both pipelines sample the same prompts and seeds (on one machine), scored on another
+    assert main(["eval", str(out), "--prompts", str(tmp_path / "prompts.txt"), "--num-samples", "4", "--sample-only", "--quiet"]) == 0
+    assert not (out / "eval.json").exists()
+    assert main(["eval", str(out), "--num-samples", "4", "--from-images", "--quiet"]) == 0
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["conditions"] == ["a red cat", "the blue sea"] * 2 and ev["pipeline"] == "StableDiffusionPipeline"
+    m = ev["metrics"]
+    assert 10 < m["psnr"]["mean"] < 80 and 0 < m["ssim"]["mean"] <= 1 and m["fid_vs_fp"] >= 0 and "not computed" in m["lpips"]
+    assert (out / "eval-samples.png").exists()
+    assert main(["eval", str(out), "--num-samples", "4", "--quiet"]) == 2   # a text pipeline needs its prompts
+    assert main(["eval", str(out), "--prompts", str(tmp_path / "prompts.txt"), "--reference", "embedded-digits"]) == 2
     # an unknown scheduler name is an error, never a substitution; a missing prompts file too
     for bad, msg in (("sampler.kind=NopeScheduler", "no scheduler 'NopeScheduler'"), ("calibration.prompts=", "calibration.prompts must name")):
         assert main(["quantize", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o2"), "--quiet", "--set", bad]) == 2

@@ -160,6 +160,9 @@ def _quantize_and_export(tmp_path, recipe, weights="int8"):
 def test_cli_quantizes_a_dit_pipeline_folder_and_exports_it(tmp_path):
     """A tiny DiTPipeline folder (class labels, its own DDIM and guidance) through gaq quantize and gaq export:
     the pipeline's transformer is the denoiser; the exported graph is in the transformer contract."""
+    import json
+
+    from gaq_backend.cli import main
     from tiny_pipeline import make_tiny_dit_pipeline
 
     recipe = _pipeline_recipe(tmp_path, make_tiny_dit_pipeline(str(tmp_path / "dit")), class_labels=[1, 3])
@@ -170,6 +173,11 @@ def test_cli_quantizes_a_dit_pipeline_folder_and_exports_it(tmp_path):
     loaded, _, _ = gaq.load_quantized(str(tmp_path / "out"))
     assert type(loaded).__name__ == "DiTTransformer2DModel" and "class_labels" in loaded.gaq_info.held_out.cond
     assert names == ["hidden_states", "timestep", "class_labels"]
+    # gaq eval: FP and quantized pipelines from the same seeds, 8 images per class label, FID vs FP per class
+    assert main(["eval", str(tmp_path / "out"), "--quiet"]) == 0
+    ev = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert ev["n_samples"] == 16 and ev["conditions"] == [1, 3] * 8 and set(ev["metrics"]["fid_vs_fp_per_class"]) == {"1", "3"}
+    assert main(["eval", str(tmp_path / "out"), "--prompts", str(tmp_path / "r.yaml"), "--quiet"]) == 2   # takes no prompts
 
 
 # each text-to-image pipeline: its ONNX inputs, and whether it runs classifier-free guidance as a doubled batch
@@ -201,6 +209,16 @@ def test_cli_quantizes_a_text_to_image_transformer_pipeline_folder(tmp_path, kin
     rep, names = _quantize_and_export(tmp_path, recipe)
     assert rep["calibration"]["n_train"] + rep["calibration"]["n_val"] == 4 * 2 * per_image
     assert 0 < rep["metrics"]["noise_mse"] < 1e-2 and names == inputs
+    if kind == "pixart":   # gaq eval --prompts with CLIP scores from a local (tiny, random) CLIP model
+        import json
+
+        from tiny_pipeline import make_tiny_clip
+
+        clip = make_tiny_clip(str(tmp_path / "clip"))
+        assert main(["eval", str(tmp_path / "out"), "--prompts", str(tmp_path / "prompts.txt"), "--clip", clip, "--quiet"]) == 0
+        m = json.loads((tmp_path / "out" / "eval.json").read_text())["metrics"]
+        assert m["clip_score"]["fp"]["n"] == m["clip_score"]["quantized"]["n"] == 4 and 0 <= m["clip_score"]["fp"]["mean"] <= 100
+        assert main(["eval", str(tmp_path / "out"), "--prompts", str(tmp_path / "prompts.txt"), "--clip", str(tmp_path), "--quiet"]) == 2
 
 
 def test_pipeline_kwargs_are_checked_against_the_pipeline(tmp_path):

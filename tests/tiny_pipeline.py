@@ -160,3 +160,18 @@ def make_tiny_flux_pipeline(path: str) -> str:
                  text_encoder=CLIPTextModel(clip), tokenizer=tokenizer, text_encoder_2=_tiny_t5(len(vocab)), tokenizer_2=tokenizer,
                  transformer=tr).save_pretrained(path)
     return path
+
+
+def make_tiny_clip(path: str) -> str:
+    """A tiny random CLIPModel folder (16-pixel images, the character tokenizer, a CLIPImageProcessor) for CLIP scores."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer, vocab = char_tokenizer(path)
+    torch.manual_seed(0)
+    text = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2, hidden_size=8, intermediate_size=16, num_attention_heads=2,
+                num_hidden_layers=1, vocab_size=len(vocab), max_position_embeddings=16)
+    vision = dict(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=1, image_size=16, patch_size=4)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(path)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+                  tokenizer=tokenizer).save_pretrained(path)
+    return path

@@ -33,7 +33,7 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _call_kwargs(pipe: Any, recipe, n: int, seed: int) -> list[dict]:
+def call_kwargs(pipe: Any, recipe, n: int, seed: int) -> list[dict]:
     """One pipeline call per batch of ``calibration.batch_size`` images, each image with its own seeded generator."""
     cal = recipe.calibration
     base: dict = dict(num_inference_steps=recipe.sampler.num_inference_steps)
@@ -93,7 +93,7 @@ def capture_from_pipeline(pipe: Any, recipe, progress: bool = True):
     """``n_per_step`` images through the pipeline; every ``interval``-th of its timesteps is recorded."""
     cal = recipe.calibration
     use_scheduler(pipe, recipe)
-    calls = _call_kwargs(pipe, recipe, cal.n_per_step, cal.seed)
+    calls = call_kwargs(pipe, recipe, cal.n_per_step, cal.seed)
     # every module the calls run (text encoders, VAE, UNet) and the tokenizers' vocabularies key the cache
     parts = {name: model_fingerprint(c) if isinstance(c, torch.nn.Module) else (type(c).__name__, len(getattr(c, "get_vocab", dict)()))
              for name, c in pipe.components.items() if c is not None and name != "scheduler"}
@@ -140,7 +140,7 @@ def pipeline_example_row(pipe: Any, recipe):
     with recorder:
         handle = denoiser.register_forward_hook(stop)   # runs after the recorder's hook: the rest of the run is skipped
         try:
-            pipe(**_call_kwargs(pipe, recipe, 1, recipe.calibration.seed)[0], output_type="latent")
+            pipe(**call_kwargs(pipe, recipe, 1, recipe.calibration.seed)[0], output_type="latent")
         except FirstCall:
             pass
         finally:
@@ -157,7 +157,7 @@ def pipeline_example_row(pipe: Any, recipe):
 def pipeline_images(pipe: Any, recipe, n: int, seed: int) -> torch.Tensor:
     """``n`` images (N, C, H, W) in [-1, 1] from the pipeline, the recipe's conditioning, seeds ``seed + i``."""
     out = []
-    for kw in _call_kwargs(pipe, recipe, n, seed):
+    for kw in call_kwargs(pipe, recipe, n, seed):
         images = pipe(**kw, output_type="np").images  # (B, H, W, C) in [0, 1]
         out.append(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2) * 2 - 1)
     return torch.cat(out).float()

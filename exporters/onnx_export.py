@@ -25,7 +25,7 @@ from torch import nn
 
 from gaq_backend.utils.io import check_output_file, clean_stale_tmp, tmp_prefix, umask_mode, write_faults_as_errors, write_json
 
-from .qdq_forms import export_forms
+from .qdq_forms import export_forms, float_block_linear_inputs
 from .signature import COND_INPUTS, decomposed_rms_norm, graph_io, graph_module, is_unet
 
 MIN_OPSET = 13          # per-axis DequantizeLinear
@@ -269,8 +269,11 @@ def build_quantized_onnx(unet: nn.Module, weights: str, opset: int, metadata: di
 
 def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 21, check_samples: int = 64,
                      external_data: bool | None = None, progress: bool = True, overwrite: bool = False,
-                     runtime: str = "onnxruntime") -> ExportResult:
-    """Export a ``gaq quantize`` output directory to ``out``; validate before writing; return what was done."""
+                     runtime: str = "onnxruntime", matmul_nbits: bool = False) -> ExportResult:
+    """Export a ``gaq quantize`` output directory to ``out``; validate before writing; return what was done.
+    ``matmul_nbits``: Linear layers with block-wise weights (``quantization.w_block_size``) lose their input Q/DQ so
+    that onnxruntime runs them as MatMulNBits (:func:`~exporters.qdq_forms.float_block_linear_inputs`); the
+    parity check compares with the model computing those inputs in float."""
     from gaq_backend import __version__, load_quantized
     from gaq_backend.sampling import model_dtype
     from gaq_backend.serialization import cast_model_weights
@@ -297,6 +300,14 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
             "gaq.source_dtype": str(source_dtype).replace("torch.", "")}
     if weights == "int4" and qcfg.w_bits > 4:
         raise ValueError(f"--weights int4 cannot hold W{qcfg.w_bits} weights; use --weights int8")
+    if matmul_nbits:
+        if weights != "int4":
+            raise ValueError("--matmul-nbits needs --weights int4 (MatMulNBits reads 4-bit weights)")
+        n = float_block_linear_inputs(unet)
+        if not n:
+            raise ValueError(f"--matmul-nbits: {folder} has no Linear layer with block-wise weights; quantize with "
+                             "quantization.w_block_size (e.g. 32)")
+        meta["gaq.matmul_nbits"] = f"{n} Linear layers: DequantizeLinear(W, blocks of {qcfg.w_block_size}) -> MatMul, float input"
     model = build_quantized_onnx(unet, weights, opset, meta)
     x, t, cond = held_out_inputs(unet, check_samples) or parity_inputs(recipe, sched_cfg, check_samples, progress)
     x, cond = x.float(), {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}

@@ -61,14 +61,22 @@ class RowwiseActivationQDQ(torch.autograd.Function):
 
 
 class WeightDQ(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w_int, scale, zero_point, axis: int):
-        shape = [1] * w_int.dim()
-        shape[axis] = -1
-        return (w_int.float() - zero_point.float().view(shape)) * scale.view(shape)
+    """Per-channel (``block_size`` 0) or blocked (opset 21: one scale per ``block_size`` entries along ``axis``)."""
 
     @staticmethod
-    def symbolic(g, w_int, scale, zero_point, axis):
+    def forward(ctx, w_int, scale, zero_point, axis: int, block_size: int = 0):
+        if block_size:
+            scale, zero_point = scale.repeat_interleave(block_size, axis), zero_point.repeat_interleave(block_size, axis)
+        else:
+            shape = [1] * w_int.dim()
+            shape[axis] = -1
+            scale, zero_point = scale.view(shape), zero_point.view(shape)
+        return (w_int.float() - zero_point.float()) * scale
+
+    @staticmethod
+    def symbolic(g, w_int, scale, zero_point, axis, block_size=0):
+        if block_size:
+            return g.op("DequantizeLinear", w_int, scale, zero_point, axis_i=axis, block_size_i=block_size)
         return g.op("DequantizeLinear", w_int, scale, zero_point, axis_i=axis)
 
 
@@ -96,8 +104,12 @@ def _prepare_layer(layer: nn.Module, added: list) -> None:
         stored = w.to(_int_dtype(q.qmin))
         # 4-bit values are held in int8 / uint8 here; the int4 export narrows them afterwards
         _attach(layer, f"qdq_weight{i}", stored.t().contiguous() if transpose else stored.contiguous(), added)
-        _attach(layer, f"qdq_weight_scale{i}", q.scale.reshape(-1), added)
-        _attach(layer, f"qdq_weight_zero_point{i}", q.zero_point.reshape(-1).round().to(stored.dtype), added)
+        if q.block_size:   # (out, in / B) -> (in / B, out), the layout of the transposed integers, blocked along axis 0
+            _attach(layer, f"qdq_weight_scale{i}", q.scale.t().contiguous(), added)
+            _attach(layer, f"qdq_weight_zero_point{i}", q.zero_point.t().round().to(stored.dtype).contiguous(), added)
+        else:
+            _attach(layer, f"qdq_weight_scale{i}", q.scale.reshape(-1), added)
+            _attach(layer, f"qdq_weight_zero_point{i}", q.zero_point.reshape(-1).round().to(stored.dtype), added)
 
 
 def _qdq_activation(q: UniformQuantizer, x: torch.Tensor) -> torch.Tensor:
@@ -117,12 +129,25 @@ def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if i == 0 else None
         w = (getattr(self, f"qdq_weight{i}"), getattr(self, f"qdq_weight_scale{i}"), getattr(self, f"qdq_weight_zero_point{i}"))
         if isinstance(self, QuantLinear):
-            y = torch.matmul(xi, WeightDQ.apply(*w, 1))
+            block = self.weight_quantizers[i].block_size
+            y = torch.matmul(xi, WeightDQ.apply(*w, 0, block) if block else WeightDQ.apply(*w, 1))
             y = y + bias if bias is not None else y
         else:
             y = F.conv2d(xi, WeightDQ.apply(*w, 0), bias, self.stride, self.padding, self.dilation, self.groups)
         out = y if out is None else out + y
     return out
+
+
+def float_block_linear_inputs(model: nn.Module) -> int:
+    """Drop the input quantizer of every Linear with block-wise weights (returns how many): the graph is then
+    ``DequantizeLinear(W) -> MatMul`` with a float input, the pattern onnxruntime fuses to MatMulNBits, whose kernel
+    quantizes the input itself (dynamic int8 per block at accuracy level 4) in place of gaq's calibrated scale."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.weight_quantizers[0].block_size and m.act_quantizers[0].enabled:
+            m.act_quantizers[0] = UniformQuantizer(32, device=m.weight.device)
+            n += 1
+    return n
 
 
 def check_exportable(model: nn.Module) -> None:

@@ -40,7 +40,7 @@ class QuantizationInfo:
 
 def wrap_for_config(model: nn.Module, config: QuantConfig) -> WrapReport:
     return wrap_unet(model, config.w_bits, config.a_bits, config.keep_fp, config.weight_symmetric, config.act_symmetric,
-                     config.quantize_attention_matmuls, config.split_skip)
+                     config.quantize_attention_matmuls, config.split_skip, config.w_block_size)
 
 
 def with_role_keep_fp(model: nn.Module, config: QuantConfig, calibration: CalibrationSet) -> QuantConfig:

@@ -111,11 +111,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         res = export_into_optimum(args.dir, args.optimum_from, args.out, progress=not args.quiet, weights=args.weights, opset=args.opset,
                                   check_samples=args.check_samples, external_data=True if args.external_data else None,
-                                  runtime=args.runtime)
+                                  runtime=args.runtime, matmul_nbits=args.matmul_nbits)
     else:
         res = export_quantized(args.dir, args.out, args.weights, args.opset, args.check_samples,
                                True if args.external_data else None, progress=not args.quiet, overwrite=args.overwrite,
-                               runtime=args.runtime)
+                               runtime=args.runtime, matmul_nbits=args.matmul_nbits)
     p = res.parity
     print(f"{res.weights} weights, opset {res.opset}: {res.n_quantize} QuantizeLinear / {res.n_dequantize} DequantizeLinear, "
           f"{res.file_mb:.2f} MB")
@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an Optimum ONNX pipeline folder (optimum-cli export onnx): copy it to --out with this UNet in unet/")
     x.add_argument("--weights", choices=["int8", "int4"], default="int8",
                    help="weight initializers: int8 (4-bit values in INT8, takes int8 kernels) or int4 (compact, opset 21)")
+    x.add_argument("--matmul-nbits", action="store_true",
+                   help="with --weights int4 and quantization.w_block_size: block-quantized Linear layers as DequantizeLinear -> "
+                        "MatMul with a float input, which onnxruntime runs as MatMulNBits (its kernel quantizes the input itself)")
     x.add_argument("--opset", type=_int_in(1, 99), default=21)
     x.add_argument("--check-samples", type=_int_in(1, 100_000), default=64, help="held-out calibration inputs for the parity check")
     x.add_argument("--external-data", action="store_true", help="store weights in OUT.data (automatic above 1 GiB)")

@@ -172,6 +172,10 @@ class QuantConfig(GaqBaseConfig):
     w_bits: int = field(default=4, metadata={"allowed": "an integer from 2 to 8"})
     a_bits: int = field(default=8, metadata={"allowed": "an integer from 2 to 8 or 32 (no quantization)"})
     weight_symmetric: bool = True
+    # 0: weights per output channel. A power of two >= 16: Linear weights get one scale per output feature and
+    # block of that many input features (calibrated like per-channel scales), the layout onnxruntime's
+    # MatMulNBits kernels run (gaq export --weights int4 --matmul-nbits); Conv2d stays per channel
+    w_block_size: int = field(default=0, metadata=at_least(0))
     act_symmetric: bool = True   # symmetric INT8 activations export as zero-point-0 Q/DQ, which TensorRT requires
     quantize_attention_matmuls: bool = True
     split_skip: bool = True
@@ -185,6 +189,9 @@ class QuantConfig(GaqBaseConfig):
     def check(self, where: str = "quantization") -> None:
         _bits(self.w_bits, f"{where}.w_bits", allow_32=False)
         _bits(self.a_bits, f"{where}.a_bits", allow_32=True)
+        if self.w_block_size and (self.w_block_size < 16 or self.w_block_size & (self.w_block_size - 1)):
+            raise ConfigError(f"{where}.w_block_size must be 0 (per channel) or a power of two >= 16 (onnxruntime's "
+                              f"MatMulNBits block sizes); got {self.w_block_size}")
         for i, pattern in enumerate(self.keep_fp):
             if not isinstance(pattern, str) or not pattern.strip():
                 raise ConfigError(f"{where}.keep_fp[{i}] must be a layer name or glob; got {pattern!r}")

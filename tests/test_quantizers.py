@@ -55,6 +55,22 @@ def test_per_channel_scales_follow_each_channel():
     assert (err <= q.scale + 1e-6).all()
 
 
+@pytest.mark.parametrize("method", ["max", "mse"])
+def test_block_wise_scales_are_the_per_channel_scales_of_each_block(method):
+    """One scale per (output channel, block of 16 inputs): the same as a per-channel quantizer fitted on the
+    (channel x block)-row reshape, repeated over the block by params()."""
+    w = torch.randn(5, 48) * torch.linspace(0.1, 3, 48)
+    q = UniformQuantizer(4, channel_axis=0, shape=(5, 3), block_size=16)
+    q.fit(w, method)
+    ref = UniformQuantizer(4, channel_axis=0, shape=(15, 1))
+    ref.fit(w.reshape(15, 16), method)
+    assert q.scale.shape == (5, 3) and torch.equal(q.scale.reshape(15, 1), ref.scale)
+    assert torch.equal(q(w), ref(w.reshape(15, 16)).reshape(5, 48))
+    assert torch.equal(q.integer(w), ref.integer(w.reshape(15, 16)).reshape(5, 48))
+    with pytest.raises(ValueError, match="per output channel"):
+        UniformQuantizer(4, channel_axis=None, block_size=16)
+
+
 def test_ste_gradient_is_identity_inside_range_and_zero_outside():
     x = torch.tensor([-20.0, -3.3, 0.2, 2.7, 20.0], requires_grad=True)
     q = UniformQuantizer(4, symmetric=True)

@@ -239,3 +239,42 @@ def test_pipeline_kwargs_are_checked_against_the_pipeline(tmp_path):
         from_dict(CalibrationConfig, {"pipeline_kwargs": 3}, "calibration")
     with pytest.raises(ConfigError, match="calibration.pipeline_kwargs.x must be a number, string"):
         from_dict(CalibrationConfig, {"pipeline_kwargs": {"x": {"y": 1}}}, "calibration")
+
+
+def test_block_wise_weights_calibrate_reload_and_export_as_matmul_nbits(tmp_path):
+    """quantization.w_block_size: Linear weights with one scale per 16 input features (AdaRound on that grid),
+    saved and reloaded exactly; --matmul-nbits writes them as DequantizeLinear(blocked) -> MatMul with a float
+    input, which onnxruntime fuses to MatMulNBits, and the parity check holds against that model."""
+    import onnx
+    import onnxruntime as ort
+    from exporters.onnx_export import export_quantized
+    from gaq_backend.config import ConfigError
+    from gaq_backend.wrapping.layers import QuantLinear
+
+    r = run_case(generate(3), str(tmp_path), "uniform", 4, 8, w_block_size=16)   # Flux: double and single blocks
+    layers = [m for m in r["model"].modules() if isinstance(m, QuantLinear)]
+    blocked = [m for m in layers if m.weight_quantizers[0].block_size == 16]
+    assert blocked and all(m.weight_quantizers[0].scale.shape == (m.out_features, m.in_features // 16) for m in blocked)
+    assert r["reload_rel_error"] == r["rel_error"] < 0.05
+    with pytest.raises(ValueError, match="--matmul-nbits needs --weights int4"):
+        export_quantized(str(tmp_path / "q"), str(tmp_path / "x.onnx"), "int8", progress=False, matmul_nbits=True)
+    out = str(tmp_path / "nbits.onnx")
+    res = export_quantized(str(tmp_path / "q"), out, "int4", progress=False, matmul_nbits=True)
+    blocked_dq = [n for n in onnx.load(out).graph.node if n.op_type == "DequantizeLinear"
+                  and any(a.name == "block_size" and a.i == 16 for a in n.attribute)]
+    assert len(blocked_dq) == len(blocked) and res.parity["max_steps"] <= 1
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(out, opts, providers=["CPUExecutionProvider"])
+    assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node) == len(blocked)
+    with pytest.raises(ConfigError, match="w_block_size must be 0 .* or a power of two >= 16"):
+        gaq.QuantConfig(w_block_size=24)
+
+
+def test_a_model_without_block_weights_is_refused_by_matmul_nbits(tmp_path):
+    from exporters.onnx_export import export_quantized
+
+    run_case(generate(1), str(tmp_path), "minmax", 4, 8)
+    with pytest.raises(ValueError, match="no Linear layer with block-wise weights"):
+        export_quantized(str(tmp_path / "q"), str(tmp_path / "x.onnx"), "int4", progress=False, matmul_nbits=True)
+    assert not (tmp_path / "x.onnx").exists()

@@ -149,14 +149,15 @@ def held_out_calls(case: DiTCase, fp: torch.nn.Module, noise_seed: int = 1000) -
     return calls
 
 
-def quant_config(algorithm: str, w_bits: int, a_bits: int):
+def quant_config(algorithm: str, w_bits: int, a_bits: int, **quantization):
     import gaq_backend as gaq
 
     algos = dict(minmax=gaq.MinMaxConfig(), uniform=gaq.UniformConfig(iters=8, act_iters=4, batch_size=8),
                  temporal=gaq.TemporalConfig(iters=8, act_iters=4, batch_size=8),
                  gradient_aligned=gaq.GradientAlignedConfig(iters=8, act_iters=4, batch_size=8))
     return gaq.QuantConfig(w_bits=w_bits, a_bits=a_bits, algorithm=algos[algorithm],
-                           calibration=gaq.CalibrationConfig(max_per_step=16, max_samples=256, n_groups=2, val_fraction=0.25))
+                           calibration=gaq.CalibrationConfig(max_per_step=16, max_samples=256, n_groups=2, val_fraction=0.25),
+                           **quantization)
 
 
 def relative_error(model: torch.nn.Module, calls) -> float:
@@ -171,15 +172,16 @@ def relative_error(model: torch.nn.Module, calls) -> float:
 
 
 def run_case(case: DiTCase, folder: str, algorithm: str = "minmax", w_bits: int = 8, a_bits: int = 8,
-             export: str | None = None) -> dict[str, Any]:
-    """Quantize with two batches of the loop, save, reload (and ``export``: "int8" / "int4"); the figures."""
+             export: str | None = None, **quantization) -> dict[str, Any]:
+    """Quantize with two batches of the loop, save, reload (and ``export``: "int8" / "int4"); the figures.
+    ``quantization``: further QuantConfig keys (e.g. w_block_size)."""
     import os
 
     import gaq_backend as gaq
 
     calls = held_out_calls(case, build(case))
     loops = [sampling_loop(case, s) for s in (0, 1)]
-    q = gaq.quantize(build(case), quant_config(algorithm, w_bits, a_bits), forward_loop=lambda m: [f(m) for f in loops], progress=False)
+    q = gaq.quantize(build(case), quant_config(algorithm, w_bits, a_bits, **quantization), forward_loop=lambda m: [f(m) for f in loops], progress=False)
     out: dict[str, Any] = dict(seed=case.seed, cls=case.cls, rel_error=relative_error(q, calls), model=q)
     qdir = os.path.join(folder, "q")
     gaq.save_quantized(q, qdir)

@@ -106,7 +106,7 @@ class AdaRound(nn.Module):
         super().__init__()
         floors, vs = [], []
         for w, q in zip(layer.weight_parts(), layer.weight_quantizers):
-            ws = at_least_float32(w.detach()) / q.scale.detach()  # V and the floors stay float32 for a half-precision layer
+            ws = at_least_float32(w.detach()) / q.params()[0].detach()  # V and the floors stay float32 for a half-precision layer
             floor = torch.floor(ws)
             rest = (ws - floor).clamp(1e-6, 1 - 1e-6)
             floors.append(floor)
@@ -117,11 +117,11 @@ class AdaRound(nn.Module):
     h = staticmethod(_h)
 
     def integers(self, layer) -> list[torch.Tensor]:
-        return [torch.clamp(f + (v >= 0).to(f.dtype) + q.zero_point, q.qmin, q.qmax)
+        return [torch.clamp(f + (v >= 0).to(f.dtype) + q.params()[1], q.qmin, q.qmax)
                 for f, v, q in zip(self.floors, self.V, layer.weight_quantizers)]
 
     def forward(self, layer) -> list[torch.Tensor]:
-        return [_SoftQuantWeight.apply(v, f, q.scale, q.zero_point, q.qmin, q.qmax)
+        return [_SoftQuantWeight.apply(v, f, *q.params(), q.qmin, q.qmax)
                 for f, v, q in zip(self.floors, self.V, layer.weight_quantizers)]
 
     def regularizer(self, beta: float) -> torch.Tensor:

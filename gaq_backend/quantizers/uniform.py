@@ -111,11 +111,16 @@ class UniformQuantizer(nn.Module):
     """
 
     def __init__(self, bits: int, symmetric: bool = True, channel_axis: int | None = None, shape: tuple[int, ...] = (),
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, block_size: int = 0):
         super().__init__()
         if not (2 <= bits <= 8 or bits == 32):
             raise ValueError(f"quantizer bits must be an integer from 2 to 8, or 32 for no quantization; got {bits!r}")
+        if block_size and channel_axis != 0:
+            raise ValueError("block-wise quantizers are per output channel (channel_axis 0), one scale per block of axis 1")
         self.bits, self.symmetric, self.channel_axis = int(bits), bool(symmetric), channel_axis
+        # > 0: one scale per output channel and block of block_size consecutive entries of axis 1 (scale shape
+        # (out, in / block_size)), the layout of onnxruntime's MatMulNBits and of ONNX's blocked DequantizeLinear
+        self.block_size = int(block_size)
         self.qmin, self.qmax = qrange(self.bits, self.symmetric) if self.bits < 32 else (0, 0)
         self.scale = nn.Parameter(torch.ones(shape, device=device), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(shape, device=device))
@@ -129,8 +134,15 @@ class UniformQuantizer(nn.Module):
     def enabled(self) -> bool:
         return self.bits < 32
 
+    def params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero-point) broadcastable to the quantized tensor: a block-wise quantizer's repeated over each block."""
+        if not self.block_size:
+            return self.scale, self.zero_point
+        return self.scale.repeat_interleave(self.block_size, 1), self.zero_point.repeat_interleave(self.block_size, 1)
+
     def extra_repr(self) -> str:
         gran = "per-tensor" if self.channel_axis is None else f"per-channel(axis={self.channel_axis})"
+        gran += f", blocks of {self.block_size}" if self.block_size else ""
         return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}, {gran}"
 
     def _broadcast_shape(self, x: torch.Tensor) -> tuple[int, ...]:
@@ -158,6 +170,9 @@ class UniformQuantizer(nn.Module):
         if not self.enabled:
             return
         x = at_least_float32(x)
+        blocks = (x.shape[0], x.shape[1] // self.block_size) if self.block_size else None
+        if blocks:   # each (channel, block) is a channel of its own
+            x = x.reshape(blocks[0] * blocks[1], self.block_size)
         dims = _reduce_dims(x, self.channel_axis)
         if method == "max":
             self.set_range(x.amin(dim=dims, keepdim=self.channel_axis is not None), x.amax(dim=dims, keepdim=self.channel_axis is not None))
@@ -168,6 +183,8 @@ class UniformQuantizer(nn.Module):
             self.set_params(s, z)
         else:
             raise ValueError(f"unknown range method {method!r} (allowed: max, mse)")
+        if blocks:
+            self.set_params(self.scale.reshape(blocks), self.zero_point.reshape(blocks))
 
     @property
     def code_dtype(self) -> torch.dtype:
@@ -176,7 +193,8 @@ class UniformQuantizer(nn.Module):
 
     def integer(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``x`` (no gradient)."""
-        return torch.clamp(torch.round(at_least_float32(x) / self.scale) + self.zero_point, self.qmin, self.qmax)
+        scale, zero = self.params()
+        return torch.clamp(torch.round(at_least_float32(x) / scale) + zero, self.qmin, self.qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -189,7 +207,7 @@ class UniformQuantizer(nn.Module):
             return fake_quant(x, scale, zero, self.qmin, self.qmax)
         if not bool(self.calibrated):
             raise RuntimeError("quantizer used before calibration: call fit() or set_range() first")
-        return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        return fake_quant(x, *self.params(), self.qmin, self.qmax)
 
     @torch.no_grad()
     def set_timestep_ranges(self, t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:

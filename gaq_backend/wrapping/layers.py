@@ -31,13 +31,14 @@ class QuantLayerMixin:
 
     weight_rounding: nn.Module | None
 
-    def _init_quant(self, w_bits: int, a_bits: int, w_symmetric: bool, a_symmetric: bool, split: int) -> None:
+    def _init_quant(self, w_bits: int, a_bits: int, w_symmetric: bool, a_symmetric: bool, split: int, block_size: int = 0) -> None:
         out = self.weight.shape[0]
-        wshape = (out,) + (1,) * (self.weight.dim() - 1)
+        wshape = (out, self.weight.shape[1] // block_size) if block_size else (out,) + (1,) * (self.weight.dim() - 1)
         parts = 2 if split else 1
         self.split = int(split)
         self.weight_quantizers = nn.ModuleList(
-            [UniformQuantizer(w_bits, w_symmetric, channel_axis=0, shape=wshape, device=self.weight.device) for _ in range(parts)])
+            [UniformQuantizer(w_bits, w_symmetric, channel_axis=0, shape=wshape, device=self.weight.device, block_size=block_size)
+             for _ in range(parts)])
         self.act_quantizers = nn.ModuleList([UniformQuantizer(a_bits, a_symmetric, device=self.weight.device) for _ in range(parts)])
         # AdaRound and similar algorithms plug a module here that returns the quantized weight parts.
         self.weight_rounding = None
@@ -57,7 +58,7 @@ class QuantLayerMixin:
             return self.weight
         if self.weight_int is not None:
             parts = self.input_parts(self.weight_int) if self.split else [self.weight_int]
-            deq = [(p - q.zero_point) * q.scale for p, q in zip(parts, self.weight_quantizers)]
+            deq = [(p - q.params()[1]) * q.params()[0] for p, q in zip(parts, self.weight_quantizers)]
         elif self.weight_rounding is not None:
             deq = self.weight_rounding(self)
         else:
@@ -122,11 +123,13 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 class QuantLinear(QuantLayerMixin, nn.Linear):
     @classmethod
     def from_float(cls, lin: nn.Linear, w_bits: int, a_bits: int, w_symmetric: bool = True,
-                   a_symmetric: bool = True, split: int = 0) -> "QuantLinear":
+                   a_symmetric: bool = True, split: int = 0, block_size: int = 0) -> "QuantLinear":
+        """``block_size`` > 0: one weight scale per output feature and block of that many input features
+        (a layer whose input features it does not divide stays per output feature)."""
         if split:
             raise ValueError("split quantizers apply to convolutions only")
         new = _adopt(cls, lin)
-        new._init_quant(w_bits, a_bits, w_symmetric, a_symmetric, 0)
+        new._init_quant(w_bits, a_bits, w_symmetric, a_symmetric, 0, block_size if block_size and lin.in_features % block_size == 0 else 0)
         return new
 
     def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

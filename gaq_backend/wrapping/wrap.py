@@ -96,7 +96,8 @@ def _skip_splits(unet: nn.Module) -> dict[str, int]:
 
 
 def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_symmetric: bool = True,
-              a_symmetric: bool = True, quantize_attention_matmuls: bool = True, split_skip: bool = True) -> WrapReport:
+              a_symmetric: bool = True, quantize_attention_matmuls: bool = True, split_skip: bool = True,
+              w_block_size: int = 0) -> WrapReport:
     """Replace, in place, each Conv2d / Linear by its fake-quant twin and each Attention's processor by
     :class:`QuantAttnProcessor`. Raises :class:`UnsupportedLayerError` on a parametrised layer it cannot handle."""
     check_keep_fp(unet, keep_fp)
@@ -127,7 +128,7 @@ def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_s
                 if name in splits:
                     report.split[name] = splits[name]
             else:
-                new = QuantLinear.from_float(module, w_bits, a_bits, w_symmetric, a_symmetric)
+                new = QuantLinear.from_float(module, w_bits, a_bits, w_symmetric, a_symmetric, block_size=w_block_size)
             replacements.append((parent, attr, new))
             report.wrapped.append(name)
             continue

@@ -278,3 +278,30 @@ def test_a_model_without_block_weights_is_refused_by_matmul_nbits(tmp_path):
     with pytest.raises(ValueError, match="no Linear layer with block-wise weights"):
         export_quantized(str(tmp_path / "q"), str(tmp_path / "x.onnx"), "int4", progress=False, matmul_nbits=True)
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_time_path_is_found_from_the_inputs(seed):
+    """temporal's temporal information block on a transformer: the layers whose input is the same for every row
+    of one timestep (the timestep / guidance embedders), nothing that reads the latent, the text or the class."""
+    from gaq_backend.algorithms.temporal import time_path_layers
+    from gaq_backend.api import record, wrap_for_config
+
+    case = generate(seed)
+    model = build(case)
+    cfg = quant_config("temporal", 4, 8, keep_fp=[])
+    calib = record(model, cfg, sampling_loop(case, 0))
+    wrap_for_config(model, cfg)
+    found = list(time_path_layers(model, calib))
+    assert found and all("timestep_embedder" in n or "guidance_embedder" in n or n == "adaln_single.linear" for n in found), found
+
+
+def test_temporal_reconstructs_a_quantized_time_path_of_a_transformer(tmp_path):
+    """With the time path quantized (keep_fp without it), temporal reconstructs it as TFMQ-DM's TIB on one row
+    per recorded timestep before the blocks, and fits its input ranges per timestep."""
+    case = generate(1)   # PixArt: adaln_single's timestep embedder and its modulation read t alone
+    r = run_case(case, str(tmp_path), "temporal", 4, 8, keep_fp=["=pos_embed.proj", "=proj_out", "=caption_projection.linear_1",
+                                                                 "=caption_projection.linear_2"])
+    tib = r["model"].gaq_info.stats.temporal_block
+    assert tib.n_layers == 3 and tib.n_timesteps == case.steps and tib.loss_last < tib.loss_first
+    assert r["reload_rel_error"] == r["rel_error"]

@@ -63,11 +63,6 @@ def per_sample_lp(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Te
     return d.flatten(1).mean(1) if d.dim() > 1 else d
 
 
-def weighted_mean(loss: torch.Tensor, factors: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
-    """Mean of per-sample losses, each scaled by ``N * w_i`` when sample weights are given."""
-    return loss.mean() if factors is None else (loss * factors[idx]).mean()
-
-
 def sample_factors(weights: torch.Tensor) -> torch.Tensor:
     """``N * w`` from normalised weights, via float64 so that uniform weights give exactly 1.0."""
     return (weights.double() * weights.numel()).float()
@@ -82,36 +77,101 @@ def rounding_loss(layers: list, it: int, iters: int, cfg: ReconstructionConfig) 
     return cfg.reg_weight * sum(l.weight_rounding.regularizer(beta) for l in layers)
 
 
+@dataclass
+class Shard:
+    """Which of the ``n`` training rows of a unit this process holds (docs/distributed.md): ``local[p]`` is row
+    ``p``'s index in this rank's own rows, -1 where another rank holds it. One process holds them all."""
+    local: torch.Tensor
+
+    @classmethod
+    def of(cls, is_val: torch.Tensor, rows: torch.Tensor) -> "Shard":
+        """The training rows (``~is_val``, in order) of which this rank holds the global rows ``rows``."""
+        held = torch.zeros(len(is_val), dtype=torch.bool)
+        held[rows] = True
+        mine = held[~is_val]
+        local = torch.full((len(mine),), -1, dtype=torch.long)
+        local[mine] = torch.arange(int(mine.sum()))
+        return cls(local)
+
+    @property
+    def n(self) -> int:
+        return len(self.local)
+
+    @property
+    def split(self) -> bool:
+        return bool((self.local < 0).any())
+
+    def mine(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local indices of the batch rows held here, mask of them in ``idx``)."""
+        lp = self.local[idx]
+        return lp[lp >= 0], lp >= 0
+
+
+def sharded_loss(per_sample: Callable[[torch.Tensor], torch.Tensor], shard: Shard, factors: torch.Tensor | None,
+                 idx: torch.Tensor) -> torch.Tensor | None:
+    """This rank's part of the batch ``idx``'s mean loss (``per_sample(local_idx)`` on its rows, weighted by
+    ``factors``): the parts sum over ranks to the mean one process computes. None when it holds no row of it."""
+    local, held = shard.mine(idx)
+    if not len(local):
+        return None
+    loss = per_sample(local)
+    if factors is not None:
+        loss = loss * factors[idx[held]]
+    return loss.mean() if len(local) == len(idx) else loss.sum() / len(idx)
+
+
+def _step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor | None, sharded: bool,
+          extra: Callable[[], torch.Tensor | float] | None = None) -> float:
+    """Backward of ``loss`` (this rank's part when ``sharded``: gradients and loss summed over ranks), then of
+    ``extra()`` (a term every rank computes alike, e.g. AdaRound's regulariser), then the step; returns the loss."""
+    from .. import distributed
+
+    opt.zero_grad(set_to_none=True)
+    if loss is not None:
+        loss.backward()
+    value = loss.detach() if loss is not None else torch.zeros(())
+    if sharded:
+        (value,) = distributed.sum_gradients(params, [value])
+    term = extra() if extra is not None else 0.0
+    if isinstance(term, torch.Tensor):
+        term.backward()
+    opt.step()
+    return float(value)
+
+
 def learn_rounding(layers: list, n: int, iters: int, cfg: ReconstructionConfig, gen: torch.Generator,
-                   batch_loss: Callable[[torch.Tensor], torch.Tensor], keep_float: bool = False) -> list[float]:
+                   batch_loss: Callable[[torch.Tensor], torch.Tensor | None], keep_float: bool = False,
+                   sharded: bool = False) -> list[float]:
     """AdaRound on ``layers``: Adam on V against ``batch_loss(idx)`` plus the rounding term, then hard rounding.
     ``keep_float`` keeps the FP float weight beside the integer codes, for layers that FP passes still run
-    (``full_precision``); otherwise the rounded weight replaces it. Returns the reconstruction-loss curve."""
+    (``full_precision``); otherwise the rounded weight replaces it. ``sharded``: ``batch_loss`` is this rank's part
+    of the loss (:func:`sharded_loss`). Returns the reconstruction-loss curve."""
     for l in layers:
         l.weight_rounding = AdaRound(l)
-    opt = torch.optim.Adam([v for l in layers for v in l.weight_rounding.V], lr=cfg.lr)
+    params = [v for l in layers for v in l.weight_rounding.V]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     curve = []
     for it in range(iters):
         loss = batch_loss(torch.randint(n, (min(cfg.batch_size, n),), generator=gen, device="cpu"))
-        curve.append(float(loss.detach()))
-        loss = loss + rounding_loss(layers, it, iters, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        curve.append(_step(opt, params, loss, sharded, lambda: rounding_loss(layers, it, iters, cfg)))
     for l in layers:  # hard rounding: h = 1[V >= 0]
         l.freeze_weight(sync_float=False) if keep_float else l.round_in_place()
     return curve
 
 
 def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig, a_bits: int,
-                     factors: torch.Tensor | None = None, gen: torch.Generator | None = None) -> dict:
-    """The reconstruction loop for one unit; returns the loss curve of its AdaRound phase."""
-    mod, layers, n = unit.module, [l for _, l in unit.layers()], len(data)
+                     factors: torch.Tensor | None = None, gen: torch.Generator | None = None, shard: Shard | None = None) -> dict:
+    """The reconstruction loop for one unit; returns the loss curve of its AdaRound phase. ``shard``: the training
+    rows this rank holds of all ranks' (``data`` holds those); the batches are drawn over all of them."""
+    mod, layers = unit.module, [l for _, l in unit.layers()]
+    shard = shard or Shard(torch.arange(len(data)))
+    n, sharded = shard.n, shard.split
     gen = gen or torch.Generator().manual_seed(cfg.seed)
     set_quant_state(mod, weight=True, act=False)
     # an attention unit whose linear layers are all kept has only matmul quantizers: nothing to round
     curve = learn_rounding(layers, n, cfg.iters, cfg, gen,
-                           lambda idx: weighted_mean(per_sample_lp(*data.run(mod, idx), 2.0), factors, idx)) if layers else []
+                           lambda idx: sharded_loss(lambda i: per_sample_lp(*data.run(mod, i), 2.0), shard, factors, idx),
+                           sharded=sharded) if layers else []
     set_quant_state(mod, weight=True, act=True)
     act_qs = unit.act_quantizers() if a_bits < 32 else []
     if act_qs and cfg.act_iters:
@@ -120,11 +180,7 @@ def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.act_iters, eta_min=0.0)
         for _ in range(cfg.act_iters):
             idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen, device="cpu")
-            out, target = data.run(mod, idx)
-            loss = weighted_mean(per_sample_lp(out, target, cfg.p), factors, idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _step(opt, scales, sharded_loss(lambda i: per_sample_lp(*data.run(mod, i), cfg.p), shard, factors, idx), sharded)
             sched.step()
             with torch.no_grad():
                 for s in scales:
@@ -135,15 +191,22 @@ def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig
 
 
 @torch.no_grad()
-def unit_mse(unit: ReconUnit, data: BlockData, batch_size: int, limit: int = 256) -> float:
-    """The unit's output MSE on its first ``limit`` rows, in batches (a unit's activations, attention scores
-    above all, grow with the rows run at once)."""
-    total, count = 0.0, 0
-    for idx in torch.arange(min(limit, len(data)), device="cpu").split(batch_size):
+def unit_mse(unit: ReconUnit, data: BlockData, batch_size: int, limit: int = 256, shard: Shard | None = None) -> float:
+    """The unit's output MSE on its first ``limit`` rows (of all ranks' with ``shard``), in batches (a unit's
+    activations, attention scores above all, grow with the rows run at once)."""
+    from .. import distributed
+
+    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    rows = torch.arange(min(limit, len(data) if shard is None else shard.n), device="cpu")
+    if shard is not None:
+        rows = shard.mine(rows)[0]
+    for idx in rows.split(batch_size):
         out, target = data.run(unit.module, idx)
-        total += float((at_least_float32(out) - at_least_float32(target)).pow(2).sum())
+        total += (at_least_float32(out) - at_least_float32(target)).pow(2).sum().double().cpu()
         count += out.numel()
-    return total / count
+    if shard is not None and shard.split:
+        total, count = distributed.sum_tensors([total, count])
+    return float(total / count)
 
 
 WeightFn = Callable[[ReconUnit, BlockData, torch.Tensor], torch.Tensor | None]
@@ -190,7 +253,16 @@ def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: Rec
           progress: bool, units: list[ReconUnit], plan: MemoryPlan, weight_fn: WeightFn | None = None) -> dict[str, UnitRecord]:
     """Reconstruct ``units`` (in forward order, from ``plan_sweep``). ``weight_fn(unit, data, train_mask)`` may
     return per-sample factors (``N * w_i``) for the unit's training samples; None means uniform weighting."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    from .. import distributed
+
+    gen = torch.Generator().manual_seed(cfg.seed)   # seeded alike on every rank: the same batches everywhere
+    shard = None
+    if distributed.world()[1] > 1:   # this rank's rows only: its unit caches hold 1/N of every unit's data
+        if weight_fn is not None:
+            raise NotImplementedError("gradient_aligned across processes is not implemented yet (its sample weights "
+                                      "are learned on the whole unit cache); run it in one process")
+        rows = distributed.owned(len(calib))
+        calib, shard = calib.subset(rows), Shard.of(calib.is_val, rows)
     train_mask = ~calib.is_val
     stats: dict[str, UnitRecord] = {}
     modules = [(u.name, u.module) for u in units]
@@ -208,10 +280,10 @@ def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: Rec
                 factors = weight_fn(unit, data, train_mask) if weight_fn is not None else None
                 t2 = time.perf_counter()
                 train = data.subset(train_mask)
-                before = unit_mse(unit, train, cfg.batch_size)
-                info = reconstruct_unit(unit, train, cfg, config.a_bits, factors, gen)
+                before = unit_mse(unit, train, cfg.batch_size, shard=shard)
+                info = reconstruct_unit(unit, train, cfg, config.a_bits, factors, gen, shard)
                 curve = info["curve"]
-                stats[unit.name] = UnitRecord(unit.kind, before, unit_mse(unit, train, cfg.batch_size),
+                stats[unit.name] = UnitRecord(unit.kind, before, unit_mse(unit, train, cfg.batch_size, shard=shard),
                                               curve[0] if curve else math.nan, curve[-1] if curve else math.nan,
                                               t1 - t0, t2 - t1, time.perf_counter() - t2, on_disk=spilled is not None)
             finally:

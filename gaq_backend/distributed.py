@@ -1,0 +1,111 @@
+"""Calibration across processes with ``torch.distributed``, launched by ``torchrun`` (docs/distributed.md).
+
+gaq adds no launcher, pool or protocol of its own: ``torchrun --nproc-per-node N -m gaq_backend.cli quantize R``
+starts N processes, :func:`init_from_env` joins them into torch's default process group (NCCL on GPUs, Gloo on
+CPUs; several machines through torchrun's rendezvous), and the calibration code asks :func:`world` who it is.
+
+What is split (data parallel): each rank holds the calibration rows ``rank::world`` of every reconstruction unit's
+cache (its inputs and FP targets: memory per rank / N), and computes the loss terms of its own rows of each
+iteration's global batch, which one generator, seeded alike on every rank, draws as one process would. The
+gradients of AdaRound's V and of the activation step sizes are summed over ranks (one all-reduce per iteration),
+so every rank takes the same step and holds the same model. What is not split (every rank computes it, alike):
+the capture, the initial ranges, ``temporal``'s time path (one row per timestep). Rank 0 writes the output.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import timedelta
+
+import torch
+
+TIMEOUT = timedelta(seconds=int(os.environ.get("GAQ_DIST_TIMEOUT", "300")))   # a dead rank stops the others within it
+
+
+def active() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if not active():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def init_from_env(device: str | None = None) -> bool:
+    """Join torchrun's process group (once); returns whether this process is one of several. NCCL when the
+    processes compute on CUDA, else Gloo; each process uses GPU ``LOCAL_RANK``."""
+    if active() or not launched_by_torchrun():
+        return active() and world()[1] > 1
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    return world()[1] > 1
+
+
+def device_of_rank(device: torch.device) -> torch.device:
+    """A CUDA device means this rank's GPU under torchrun."""
+    if active() and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def owned(n: int) -> torch.Tensor:
+    """Indices of the rows ``0..n-1`` this rank holds: ``rank::world``."""
+    rank, size = world()
+    return torch.arange(rank, n, size, device="cpu")
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sum_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor summed over ranks (one all-reduce of their concatenation), same dtypes and devices back."""
+    if not active() or not tensors:
+        return tensors
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).to(_comm_device())
+    torch.distributed.all_reduce(flat)
+    out, i = [], 0
+    for t in tensors:
+        out.append(flat[i: i + t.numel()].reshape(t.shape).to(t.device, t.dtype))
+        i += t.numel()
+    return out
+
+
+def sum_gradients(params: list[torch.Tensor], extra: list[torch.Tensor] = ()) -> list[torch.Tensor]:
+    """Sum ``params``' gradients over ranks in place (a rank with no row in the batch contributes zeros), with
+    ``extra`` tensors (e.g. the loss, for the record) in the same all-reduce; returns the summed ``extra``."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    summed = sum_tensors(grads + list(extra))
+    for p, g in zip(params, summed):
+        p.grad = g
+    return summed[len(params):]
+
+
+def barrier() -> None:
+    if active():
+        torch.distributed.barrier()
+
+
+def check_same(value: str, what: str) -> None:
+    """Refuse to go on when ranks disagree on ``value`` (a recipe, a model fingerprint): compared by hash."""
+    if not active() or world()[1] == 1:
+        return
+    digest = hashlib.sha256(value.encode()).hexdigest()[:16]
+    seen: list = [None] * world()[1]
+    torch.distributed.all_gather_object(seen, digest)
+    if len(set(seen)) > 1:
+        odd = [r for r, d in enumerate(seen) if d != seen[0]]
+        raise ValueError(f"ranks differ in their {what} (rank 0 vs rank{'s' if len(odd) > 1 else ''} "
+                         f"{', '.join(map(str, odd))}); every rank must run the same {what}")

@@ -26,6 +26,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if report is None:
         print(f"dry run: recipe, model and output folder {out} check out; nothing written")
         return 0
+    if report.get("written") is False:   # a torchrun rank other than 0: rank 0 reports and writes
+        return 0
     m, t = report["metrics"], report["timings"]
     print(f"{report['algorithm']} W{report['w_bits']}A{report['a_bits']}: noise_mse {m['noise_mse']:.6f}, "
           f"sample_mse_vs_fp {m['sample_mse_vs_fp']:.6f}; capture {t['capture']:.1f}s, calibration {t['calibration']:.1f}s, "
@@ -379,13 +381,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # gaq's own input errors name what to change; anything else from these classes may be a bug
         hint = "" if isinstance(e, INPUT_ERRORS) or type(e) is ValueError else " (run with --debug for the traceback)"
-        print(f"gaq: error: {one_line(e)}{hint}", file=sys.stderr)
+        print(f"gaq: error: {_rank()}{one_line(e)}{hint}", file=sys.stderr)
         return 2
     except Exception as e:  # a bug in gaq: still one line, and the way to see more
         if args.debug:
             raise
-        print(f"gaq: internal error: {type(e).__name__}: {one_line(e, 300)} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"gaq: internal error: {_rank()}{type(e).__name__}: {one_line(e, 300)} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _rank() -> str:
+    """``rank N: `` under torchrun (each process prints its own error), else nothing."""
+    from . import distributed
+
+    rank, size = distributed.world()
+    return f"rank {rank} of {size}: " if size > 1 else ""
 
 
 if __name__ == "__main__":

@@ -159,10 +159,17 @@ def resolve_device(device: str | None) -> torch.device:
 def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, overwrite: bool = False,
                recipe_path: str | None = None, dry_run: bool = False, device: str | None = None) -> dict[str, Any] | None:
     """Quantize as the recipe says and write ``out_dir`` (see :func:`gaq_backend.utils.io.output_dir`).
-    ``dry_run``: run every check that needs no long work, then stop (returns None)."""
+    ``dry_run``: run every check that needs no long work, then stop (returns None). Under torchrun every process
+    calibrates its share (docs/distributed.md); only rank 0 shows progress and writes ``out_dir``."""
+    from . import distributed
+
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    dev = resolve_device(device)
+    multi = distributed.init_from_env(device)
+    main_rank = distributed.is_main()
+    if not main_rank:
+        progress, log = False, (lambda *a, **k: None)
+    dev = distributed.device_of_rank(resolve_device(device))
     protect = output_protect(recipe, recipe_path)
     files = (*OUTPUT_FILES, *ALGORITHM_FILES.get(recipe.algorithm, ()))
     check_output_dir(out_dir, "quantized", overwrite, protect, files=files)
@@ -170,6 +177,13 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
         prepare_cache_dir(recipe.calibration.cache_dir, "calibration.cache_dir")
     loaded = load_model(recipe.model, recipe.model_options)
     unet, sched_cfg, pipe = loaded.unet, loaded.scheduler_config, loaded.pipeline
+    if multi:   # every rank must calibrate the same thing: compared by hash before any long work
+        import json
+
+        from .calibration.capture import model_fingerprint
+
+        distributed.check_same(json.dumps(recipe.to_dict(), sort_keys=True, default=str), "recipe")
+        distributed.check_same(model_fingerprint(unet), "model weights")
     preflight(recipe, loaded)
     if dry_run:
         print_memory_estimate(recipe, loaded, dev, log)
@@ -178,11 +192,15 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
     rep = recipe.report
 
     t = time.perf_counter()
+    if multi and not main_rank:
+        distributed.barrier()   # rank 0 captures first: ranks sharing its cache folder read what it wrote
     if pipe is None:
         calib, cached = capture_calibration(unet, sched_cfg, recipe.sampler, recipe.calibration, progress)
     else:
         calib, cached = capture_from_pipeline(pipe, recipe, progress)
         sched_cfg = dict(pipe.scheduler.config)
+    if multi and main_rank:
+        distributed.barrier()
     timings["capture"] = time.perf_counter() - t
     # the FP report images come from the same UNet before it is quantized in place (no second copy)
     t = time.perf_counter()
@@ -222,8 +240,10 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
         algorithm_stats=unet.gaq_info.stats.to_dict(),
         sensitivity=sensitivity.to_dict() if sensitivity is not None else None,
         environment=dict(gaq=__version__, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-                         device=str(dev)),
+                         device=str(dev), processes=distributed.world()[1]),
     )
+    if not main_rank:   # the same model as rank 0's; one writer
+        return dict(report, written=False)
     with output_dir(out_dir, "quantized", overwrite, protect, files=files) as tmp:
         write_quantized(unet, tmp, sched_cfg, recipe)
         unet.gaq_info.stats.write_files(tmp)  # an algorithm's own files (gradient_aligned's weights and figures)

@@ -79,3 +79,50 @@ def test_two_processes_give_the_single_process_model(two_process_models, algorit
     assert set(got) - {"noise_mse"} == set(ints) and flips <= total // 2000, (flips, total)
     single = noise_mse(q, calib.val)[0]
     assert abs(float(got["noise_mse"]) - single) <= 0.01 * single
+
+
+def test_torchrun_quantize_writes_one_folder_from_rank_0(tmp_path, tiny_model_dir):
+    """torchrun --nproc-per-node 2 -m gaq_backend.cli quantize: both processes calibrate (Gloo), rank 0 prints and
+    writes the folder, the report names 2 processes; the folder loads like any other."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import tiny_recipe
+
+    recipe = tiny_recipe(tiny_model_dir, str(tmp_path / "cache"), algorithm="uniform",
+                         settings=dict(iters=8, act_iters=4, batch_size=8))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1", GAQ_DIST_TIMEOUT="120")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "gaq_backend.cli", "quantize", str(tmp_path / "r.yaml"), "--out", str(out), "--device", "cpu"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("wrote ") == 1 and "(per rank, 2 processes)" in run.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["environment"]["processes"] == 2 and rep["algorithm"] == "uniform"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out", "r.yaml"]
+    gaq.load_quantized(str(out))
+
+
+def _check_same_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    from gaq_backend import distributed
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        distributed.check_same("recipe A", "recipe")   # agree: nothing happens
+        distributed.check_same(f"recipe {'B' if rank == 1 else 'A'}", "recipe")
+    except ValueError as e:
+        with open(f"{out}-{rank}", "w") as f:
+            f.write(str(e))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_with_different_recipes_are_refused_on_every_rank(tmp_path):
+    torch.multiprocessing.spawn(_check_same_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "err")), nprocs=2)
+    for rank in (0, 1):
+        assert (tmp_path / f"err-{rank}").read_text() == ("ranks differ in their recipe (rank 0 vs rank 1); every rank must "
+                                                          "run the same recipe")

@@ -224,16 +224,20 @@ def plan_sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg
                exclude: tuple[str, ...] = (), log: Callable[[str], None] | None = print, rows: int | None = None,
                device: torch.device | None = None) -> tuple[list[ReconUnit], MemoryPlan]:
     """The units in forward order and the memory plan for ``rows`` (default: all of ``calib``'s) calibration
-    rows shaped like ``calib``'s, printed with ``log``; refused when it cannot fit."""
+    rows shaped like ``calib``'s (under torch.distributed: this rank's share of them), printed with ``log``;
+    refused when it cannot fit."""
+    from .. import distributed
+
     units = reconstruction_units(model, exclude)
     with full_precision(model):  # shapes only; the quantizers may not be calibrated yet
         probe = probe_units(model, units, calib)
     rows = len(calib) if rows is None else rows
     calib_bytes = sum(v.numel() * v.element_size() for v in [calib.x, calib.t, calib.eps, *calib.cond.values()]) * rows // len(calib)
-    plan = plan_memory(model, probe, rows, calib_bytes, cfg.batch_size, cfg.cache_memory_gib, device, cfg.cache_batch_size,
+    size = distributed.world()[1]   # each rank caches 1/N of the rows (and holds the whole calibration set)
+    plan = plan_memory(model, probe, -(-rows // size), calib_bytes, cfg.batch_size, cfg.cache_memory_gib, device, cfg.cache_batch_size,
                        cfg.fp_targets)
     if log is not None:
-        log(plan.summary())
+        log(plan.summary() + (f" (per rank, {size} processes)" if size > 1 else ""))
     return probe.order, plan
 
 

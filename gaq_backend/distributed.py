@@ -71,10 +71,14 @@ def _comm_device() -> torch.device:
 
 
 def sum_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor summed over ranks (one all-reduce of their concatenation), same dtypes and devices back."""
+    """Each tensor summed over ranks (one all-reduce of their concatenation, in their widest dtype: float32 for
+    AdaRound's V and the step sizes), same dtypes and devices back."""
     if not active() or not tensors:
         return tensors
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).to(_comm_device())
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    flat = torch.cat([t.detach().reshape(-1).to(_comm_device(), dtype) for t in tensors])
     torch.distributed.all_reduce(flat)
     out, i = [], 0
     for t in tensors:

@@ -6,7 +6,7 @@ from gaq_backend import QuantConfig, quantize
 from gaq_backend.algorithms import TemporalConfig, UniformConfig
 from gaq_backend.algorithms.block_cache import BlockData
 from gaq_backend.algorithms.blocks import reconstruction_units
-from gaq_backend.algorithms.reconstruction import per_sample_lp, reconstruct_unit, sample_factors, weighted_mean
+from gaq_backend.algorithms.reconstruction import Shard, per_sample_lp, reconstruct_unit, sample_factors, sharded_loss
 from gaq_backend.algorithms.blocks import ReconUnit
 from gaq_backend.algorithms.temporal import time_path_layers
 from gaq_backend.quantizers.adaround import AdaRound
@@ -140,9 +140,30 @@ def test_uniform_sample_weights_reproduce_the_unweighted_reconstruction_exactly(
     for curve, w in results[1:]:
         assert curve == results[0][0] and torch.equal(w, results[0][1])
     loss = torch.rand(10)
-    assert torch.equal(weighted_mean(loss, sample_factors(torch.full((37,), 1 / 37)), torch.arange(10)), loss.mean())
+    whole = Shard(torch.arange(37))
+    assert torch.equal(sharded_loss(lambda i: loss, whole, sample_factors(torch.full((37,), 1 / 37)), torch.arange(10)), loss.mean())
     uneven = sample_factors(torch.softmax(torch.randn(37), 0))
-    assert not torch.equal(weighted_mean(loss, uneven, torch.arange(10)), loss.mean())
+    assert not torch.equal(sharded_loss(lambda i: loss, whole, uneven, torch.arange(10)), loss.mean())
+
+
+def test_the_parts_of_a_sharded_batch_sum_to_its_mean():
+    """Two ranks holding rows 0::2 and 1::2 of 12 training rows (two validation rows interleaved): their parts of
+    a batch's weighted loss sum to the mean one process computes; a rank holding no row of the batch has none."""
+    is_val = torch.zeros(14, dtype=torch.bool)
+    is_val[[3, 8]] = True
+    per_row = torch.rand(12)
+    factors = sample_factors(torch.softmax(torch.randn(12), 0))
+    idx = torch.tensor([0, 5, 5, 11, 2, 7])
+    shards = [Shard.of(is_val, torch.arange(r, 14, 2)) for r in (0, 1)]
+    train_rows = (~is_val).nonzero().flatten()
+    parts = []
+    for r, shard in enumerate(shards):
+        mine = train_rows[train_rows % 2 == r]   # this rank's training rows, in order
+        parts.append(sharded_loss(lambda i: per_row[torch.searchsorted(train_rows, mine[i])], shard, factors, idx))
+    assert torch.allclose(parts[0] + parts[1], (per_row[idx] * factors[idx]).mean())
+    other = int((shards[0].local < 0).nonzero()[0])   # a row only rank 1 holds
+    assert sharded_loss(lambda i: per_row[i], shards[0], None, torch.tensor([other])) is None
+    assert sharded_loss(lambda i: per_row[i], shards[1], None, torch.tensor([other])) is not None
 
 
 def test_per_sample_lp_matches_brecq_reduction():

@@ -86,11 +86,11 @@ class Shard:
     @classmethod
     def of(cls, is_val: torch.Tensor, rows: torch.Tensor) -> "Shard":
         """The training rows (``~is_val``, in order) of which this rank holds the global rows ``rows``."""
-        held = torch.zeros(len(is_val), dtype=torch.bool)
+        held = torch.zeros(len(is_val), dtype=torch.bool, device="cpu")   # row bookkeeping lives on the host
         held[rows] = True
         mine = held[~is_val]
-        local = torch.full((len(mine),), -1, dtype=torch.long)
-        local[mine] = torch.arange(int(mine.sum()))
+        local = torch.full((len(mine),), -1, dtype=torch.long, device="cpu")
+        local[mine] = torch.arange(int(mine.sum()), device="cpu")
         return cls(local)
 
     @property
@@ -129,7 +129,7 @@ def _step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Te
     opt.zero_grad(set_to_none=True)
     if loss is not None:
         loss.backward()
-    value = loss.detach() if loss is not None else torch.zeros(())
+    value = loss.detach() if loss is not None else torch.zeros((), device=params[0].device)
     if sharded:
         (value,) = distributed.sum_gradients(params, [value])
     term = extra() if extra is not None else 0.0
@@ -164,7 +164,7 @@ def reconstruct_unit(unit: ReconUnit, data: BlockData, cfg: ReconstructionConfig
     """The reconstruction loop for one unit; returns the loss curve of its AdaRound phase. ``shard``: the training
     rows this rank holds of all ranks' (``data`` holds those); the batches are drawn over all of them."""
     mod, layers = unit.module, [l for _, l in unit.layers()]
-    shard = shard or Shard(torch.arange(len(data)))
+    shard = shard or Shard(torch.arange(len(data), device="cpu"))
     n, sharded = shard.n, shard.split
     gen = gen or torch.Generator().manual_seed(cfg.seed)
     set_quant_state(mod, weight=True, act=False)
@@ -196,7 +196,7 @@ def unit_mse(unit: ReconUnit, data: BlockData, batch_size: int, limit: int = 256
     activations, attention scores above all, grow with the rows run at once)."""
     from .. import distributed
 
-    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    total, count = torch.zeros((), dtype=torch.float64, device="cpu"), torch.zeros((), dtype=torch.float64, device="cpu")
     rows = torch.arange(min(limit, len(data) if shard is None else shard.n), device="cpu")
     if shard is not None:
         rows = shard.mine(rows)[0]

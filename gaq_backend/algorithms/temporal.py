@@ -111,7 +111,7 @@ def time_features(model: nn.Module, t: torch.Tensor, layers: dict[str, QuantLaye
 def rows_per_timestep(calib: CalibrationSet) -> CalibrationSet:
     """One calibration row for each recorded timestep, in ``calib.timesteps`` order."""
     idx = [int(torch.nonzero(calib.t == t)[0]) for t in calib.timesteps]
-    return calib.subset(torch.tensor(idx))
+    return calib.subset(torch.tensor(idx, device="cpu"))
 
 
 def _resnets_with_time(model: nn.Module):
@@ -138,7 +138,7 @@ def reconstruct_tib(model: nn.Module, layers: dict[str, QuantLayerMixin], t_all:
     for l in tib:
         l.use_act_quant = True
     if a_bits < 32:
-        fit_timestep_ranges(model, tib, t_all, lambda i: features(torch.tensor([i])))
+        fit_timestep_ranges(model, tib, t_all, lambda i: features(torch.tensor([i], device="cpu")))
     with torch.no_grad(), current_timesteps(t_all):
         err = sum(float((o - tg).pow(2).mean()) for o, tg in zip(features(), targets))
     return TemporalBlockRecord(len(t_all), len(tib), curve[0] if curve else None, curve[-1] if curve else None, err)

@@ -70,14 +70,15 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
 
 
-def sum_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor summed over ranks (one all-reduce of their concatenation, in their widest dtype: float32 for
-    AdaRound's V and the step sizes), same dtypes and devices back."""
+def sum_tensors(tensors: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Each tensor summed over ranks (one all-reduce of their concatenation in ``dtype``, default their widest),
+    same dtypes and devices back. Every rank must pass the same shapes and reach the same ``dtype``."""
     if not active() or not tensors:
         return tensors
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    if dtype is None:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
     flat = torch.cat([t.detach().reshape(-1).to(_comm_device(), dtype) for t in tensors])
     torch.distributed.all_reduce(flat)
     out, i = [], 0
@@ -91,7 +92,11 @@ def sum_gradients(params: list[torch.Tensor], extra: list[torch.Tensor] = ()) ->
     """Sum ``params``' gradients over ranks in place (a rank with no row in the batch contributes zeros), with
     ``extra`` tensors (e.g. the loss, for the record) in the same all-reduce; returns the summed ``extra``."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    summed = sum_tensors(grads + list(extra))
+    # the parameters' dtype, the same on every rank (a loss may be float64 on one and an empty part on another)
+    dtype = params[0].dtype
+    for p in params[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    summed = sum_tensors(grads + list(extra), dtype)
     for p, g in zip(params, summed):
         p.grad = g
     return summed[len(params):]

@@ -153,33 +153,53 @@ def sample_dir(folder: str, num_samples: int, seed: int = 0, steps: int | None =
     q = to_uint8(ddim_sample(qmodel, sched_cfg, sampler, noise, batch, progress="sample quantized" if progress else False, seed=seed))
     info = dict(_about(recipe, num_samples, seed, sampler), device=str(device), fp_from_cache=cached is not None,
                 timings=dict(sample_fp=t1 - t0, sample_quantized=time.perf_counter() - t1))
-    with output_file_in(folder, IMAGES_FILE) as tmp:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
-            np.savez_compressed(f, fp=fp, quantized=q, info=np.array(json.dumps(info)))
+    write_image_pair(folder, fp, q, info)
     return info
 
 
-def _read_images(folder: str, num_samples: int, seed: int, steps: int | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def write_image_pair(folder: str, fp: np.ndarray, q: np.ndarray, info: dict) -> None:
+    """``folder/eval-images.npz``: both models' uint8 images and what they are (``--sample-only``)."""
+    with output_file_in(folder, IMAGES_FILE) as tmp:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
+            np.savez_compressed(f, fp=fp, quantized=q, info=np.array(json.dumps(info)))
+
+
+def read_image_pair(folder: str, command: str, check) -> tuple[np.ndarray, np.ndarray, dict]:
+    """What :func:`write_image_pair` wrote, with ``check(fp, q, info)`` run inside the read's error context (a
+    failure reads "... of gaq eval --sample-only (sample it again)"); ``command`` is how to write it."""
     path = os.path.join(folder, IMAGES_FILE)
     if not os.path.lexists(path):
-        raise FileNotFoundError(f"{path} not found; write it first with gaq eval {folder} --sample-only")
+        raise FileNotFoundError(f"{path} not found; write it first with {command}")
     check_input(path, "DIR", "file")
     with reading(path, f"{IMAGES_FILE} of gaq eval --sample-only (sample it again)"):
         with np.load(path, allow_pickle=False) as z:
             info = json.loads(str(z["info"]))
             fp, q = z["fp"], z["quantized"]
-        held = (int(info["n_samples"]), int(info["seed"]), int(info["sampler"]["num_inference_steps"]))
-        missing = [k for k in ("algorithm", "w_bits", "a_bits", "timings", "device") if k not in info]  # what the report reads
-        if missing:
-            raise ValueError(f"its info lacks {', '.join(missing)}")
-        if fp.dtype != np.uint8 or fp.ndim != 4 or fp.shape != q.shape or q.dtype != np.uint8 or len(fp) != held[0]:
-            raise ValueError(f"images fp {fp.dtype} {fp.shape} and quantized {q.dtype} {q.shape}; expected uint8 (N, C, H, W) "
-                             f"with N = {held[0]}")
+        check(fp, q, info)
+    return fp, q, info
+
+
+def _held(info: dict) -> tuple[int, int, int]:
+    return int(info["n_samples"]), int(info["seed"]), int(info["sampler"]["num_inference_steps"])
+
+
+def _check_pair(fp: np.ndarray, q: np.ndarray, info: dict) -> None:
+    n = _held(info)[0]
+    missing = [k for k in ("algorithm", "w_bits", "a_bits", "timings", "device") if k not in info]  # what the report reads
+    if missing:
+        raise ValueError(f"its info lacks {', '.join(missing)}")
+    if fp.dtype != np.uint8 or fp.ndim != 4 or fp.shape != q.shape or q.dtype != np.uint8 or len(fp) != n:
+        raise ValueError(f"images fp {fp.dtype} {fp.shape} and quantized {q.dtype} {q.shape}; expected uint8 (N, C, H, W) "
+                         f"with N = {n}")
+
+
+def _read_images(folder: str, num_samples: int, seed: int, steps: int | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    fp, q, info = read_image_pair(folder, f"gaq eval {folder} --sample-only", _check_pair)
     fp, q = from_uint8(fp), from_uint8(q)
     asked = (num_samples, seed) + ((steps,) if steps else ())
-    held = held if steps else held[:2]
+    held = _held(info) if steps else _held(info)[:2]
     if asked != held:
-        raise ValueError(f"{path} holds {info['n_samples']} samples from seed {info['seed']} at "
+        raise ValueError(f"{os.path.join(folder, IMAGES_FILE)} holds {info['n_samples']} samples from seed {info['seed']} at "
                          f"{info['sampler']['num_inference_steps']} steps; asked for {num_samples} from seed {seed}"
                          + (f" at {steps} steps" if steps else ""))
     return fp, q, info

@@ -11,7 +11,6 @@ available offline from a package, and another network under that name would misl
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -20,12 +19,12 @@ import numpy as np
 import torch
 
 from ..utils.io import check_files_in_output, output_file_in, write_json
+from .fid_eval import IMAGES_FILE
 from .images import from_uint8, labelled, save_grid, to_uint8
 from .metrics import frechet_distance, gaussian_stats
 
 LPIPS_NOTE = ("not computed: LPIPS's backbone (torchvision's ImageNet AlexNet/VGG weights) downloads at first use; "
               "no package ships it for offline use")
-IMAGES_FILE = "eval-images.npz"
 
 
 # -- metrics of image pairs (uint8 (N, H, W, C)) -----------------------------------------------------------------
@@ -230,25 +229,22 @@ def evaluate_pipeline_dir(folder: str, prompts: str | None, num_samples: int, se
 
 
 def write_pipeline_images(folder: str, fp: np.ndarray, q: np.ndarray, info: dict) -> None:
+    from .fid_eval import write_image_pair
+
     check_files_in_output(folder, [IMAGES_FILE])
-    with output_file_in(folder, IMAGES_FILE) as tmp:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the temporary name
-            np.savez_compressed(f, fp=fp, quantized=q, info=np.array(json.dumps(info)))
+    write_image_pair(folder, fp, q, info)
+
+
+def _check_pair(fp: np.ndarray, q: np.ndarray, info: dict) -> None:
+    if "conditions" not in info or fp.dtype != np.uint8 or fp.shape != q.shape or q.dtype != np.uint8 or fp.ndim != 4:
+        raise ValueError("not the images of a pipeline's gaq eval --sample-only")
 
 
 def read_pipeline_images(folder: str, num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    from ..utils.inputs import check_input, reading
+    from .fid_eval import read_image_pair
 
-    path = os.path.join(folder, IMAGES_FILE)
-    if not os.path.lexists(path):
-        raise FileNotFoundError(f"{path} not found; write it first with gaq eval {folder} --prompts FILE --sample-only")
-    check_input(path, "DIR", "file")
-    with reading(path, f"{IMAGES_FILE} of gaq eval --sample-only (sample it again)"):
-        with np.load(path, allow_pickle=False) as z:
-            info = json.loads(str(z["info"]))
-            fp, q = z["fp"], z["quantized"]
-        if "conditions" not in info or fp.dtype != np.uint8 or fp.shape != q.shape or q.dtype != np.uint8 or fp.ndim != 4:
-            raise ValueError("not the images of a pipeline's gaq eval --sample-only")
+    fp, q, info = read_image_pair(folder, f"gaq eval {folder} --prompts FILE --sample-only", _check_pair)
     if (int(info["n_samples"]), int(info["seed"])) != (num_samples, seed):
+        path = os.path.join(folder, IMAGES_FILE)
         raise ValueError(f"{path} holds {info['n_samples']} samples from seed {info['seed']}; asked for {num_samples} from seed {seed}")
     return fp, q, info

@@ -37,6 +37,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
+    from . import distributed
     from .evaluation import pipeline_eval
     from .pipeline import resolve_device
 
@@ -47,12 +48,16 @@ def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
     if args.sample_only:
         fp, q, info = pe.sample_pipelines(args.dir, args.prompts, n, args.seed, args.steps, args.batch_size,
                                           progress=not args.quiet, device=resolve_device(args.device))
+        if not distributed.is_main():
+            return 0
         pe.write_pipeline_images(args.dir, fp, q, info)
         print(f"wrote {os.path.join(args.dir, pe.IMAGES_FILE)} (score it with gaq eval {args.dir} --from-images)")
         return 0
     res = pe.evaluate_pipeline_dir(args.dir, args.prompts, n, args.seed, args.steps, args.batch_size, args.clip,
                                    progress=not args.quiet, device="cpu" if args.from_images else resolve_device(args.device),
                                    from_images=args.from_images)
+    if res is None:   # a torchrun rank other than 0
+        return 0
     m = res["metrics"]
     print(f"{res['pipeline']}: n = {n} image pairs from the same prompts and seeds, {res['sampler']['num_inference_steps']} steps")
     print(f"quantized vs FP: PSNR {_mean(m['psnr'])} dB  SSIM {_mean(m['ssim'])}  FID vs FP {m['fid_vs_fp']:.2f}")
@@ -62,23 +67,39 @@ def _cmd_eval_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _join_torchrun(args: argparse.Namespace) -> bool:
+    """Join torchrun's process group when launched by it: whether this process is one of several."""
+    from . import distributed
+    from .pipeline import resolve_device
+
+    return distributed.init_from_env(str(resolve_device(args.device)))
+
+
 def _mean(s: dict) -> str:
     return "identical" if s["mean"] is None else f"{s['mean']:.3f} +- {s['std']:.3f}"
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import distributed
     from .evaluation import pipeline_eval
     from .evaluation.fid_eval import IMAGES_FILE, evaluate_dir, sample_dir
     from .evaluation.reference import default_reference
     from .pipeline import resolve_device
 
     check_input(args.dir, "DIR", "folder")
+    if _join_torchrun(args):
+        if args.from_images:
+            raise ValueError("--from-images scores images already sampled: there is nothing to split over processes; "
+                             "run it without torchrun")
+        args.quiet = args.quiet or not distributed.is_main()   # every rank samples a share; rank 0 scores and writes
     if args.prompts or args.clip or pipeline_eval.from_pipeline(args.dir):
         return _cmd_eval_pipeline(args)
     args.num_samples = args.num_samples or 2000
     if args.sample_only:
         info = sample_dir(args.dir, args.num_samples, args.seed, args.steps, args.batch_size, progress=not args.quiet,
                           device=resolve_device(args.device), cache_dir=args.cache_dir)
+        if not distributed.is_main():
+            return 0
         t = info["timings"]
         print(f"{args.num_samples} FP{' (cached)' if info['fp_from_cache'] else ''} and quantized samples in "
               f"{t['sample_fp'] + t['sample_quantized']:.1f}s on {info['device']}; "
@@ -87,6 +108,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate_dir(args.dir, args.reference or default_reference(), args.num_samples, args.seed, args.steps, args.batch_size,
                        args.reference_count, args.cache_dir, progress=not args.quiet,
                        device="cpu" if args.from_images else resolve_device(args.device), from_images=args.from_images)
+    if res is None:   # a torchrun rank other than 0
+        return 0
     n, ref = res["n_samples"], res["reference"]
     print(f"n = {n} samples per model, reference {ref['name']} ({ref['n']} images), {res['sampler']['num_inference_steps']} DDIM steps")
     for name in ("fp", "quantized"):

@@ -102,6 +102,52 @@ def sum_gradients(params: list[torch.Tensor], extra: list[torch.Tensor] = ()) ->
     return summed[len(params):]
 
 
+def share(n: int) -> range:
+    """This rank's contiguous share of ``n`` work items (sampling batches, pipeline calls). Shares follow rank
+    order, so concatenating the ranks' results in rank order (:func:`gather_rows`) gives one process's."""
+    rank, size = world()
+    q, r = divmod(n, size)
+    start = rank * q + min(rank, r)
+    return range(start, start + q + (rank < r))
+
+
+def agree(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (e.g. every rank found the cache): the same answer everywhere."""
+    if not active() or world()[1] == 1:
+        return flag
+    (ok,) = sum_tensors([torch.tensor([0.0 if flag else 1.0])])
+    return float(ok) == 0
+
+
+def gather_rows(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Every rank's rows (the first axis) of each named tensor, concatenated in rank order, on every rank and on
+    the host. A rank that holds no rows passes None; the others must pass the same names and trailing shapes."""
+    if not active() or world()[1] == 1:
+        return dict(tensors or {})
+    size = world()[1]
+    meta = None if tensors is None else {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
+    seen: list = [None] * size
+    torch.distributed.all_gather_object(seen, meta)   # names, shapes and dtypes (a few bytes): the rows go as tensors
+    held = [m for m in seen if m is not None]
+    if not held:
+        return {}
+    ref = held[0]
+    if any(set(m) != set(ref) or any(m[k][0][1:] != ref[k][0][1:] or m[k][1] != ref[k][1] for k in ref) for m in held):
+        raise ValueError("ranks hold rows of different names or shapes; every rank must record the same kind of call")
+    out = {}
+    for k in sorted(ref):
+        trailing, dtype = ref[k][0][1:], getattr(torch, ref[k][1])
+        wire = torch.uint8 if dtype == torch.bool else dtype   # Gloo and NCCL move bytes, not bools
+        counts = [m[k][0][0] if m is not None else 0 for m in seen]
+        buf = torch.zeros((max(counts), *trailing), dtype=wire, device=_comm_device())
+        if tensors is not None:
+            buf[:counts[world()[0]]] = tensors[k].to(buf.device, wire)
+        parts = [torch.empty_like(buf) for _ in range(size)]
+        torch.distributed.all_gather(parts, buf)
+        out[k] = torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu().to(dtype)
+    return out
+
+
 def barrier() -> None:
     if active():
         torch.distributed.barrier()

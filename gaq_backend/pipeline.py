@@ -129,11 +129,11 @@ def _report_images(loaded: LoadedModel, recipe: Recipe, label: str, progress: bo
     """``report.num_samples`` images from seed ``report.seed``: gaq's DDIM loop, or the pipeline itself."""
     rep, unet = recipe.report, loaded.unet
     if loaded.pipeline is not None:
-        return pipeline_images(loaded.pipeline, recipe, rep.num_samples, rep.seed)
+        return pipeline_images(loaded.pipeline, recipe, rep.num_samples, rep.seed, shard=True)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     return ddim_sample(unet, loaded.scheduler_config, recipe.sampler, initial_noise(rep.num_samples, shape, rep.seed), rep.batch_size,
                        progress=f"sample {label}" if progress else False, seed=rep.seed,
-                       cond=class_conditioning(unet, recipe.calibration.class_labels, rep.num_samples))
+                       cond=class_conditioning(unet, recipe.calibration.class_labels, rep.num_samples), shard=True)
 
 
 def output_protect(recipe: Recipe, recipe_path: str | None = None) -> list[str]:
@@ -192,15 +192,11 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
     rep = recipe.report
 
     t = time.perf_counter()
-    if multi and not main_rank:
-        distributed.barrier()   # rank 0 captures first: ranks sharing its cache folder read what it wrote
-    if pipe is None:
+    if pipe is None:   # under torchrun each rank samples its share; every rank gets the whole set
         calib, cached = capture_calibration(unet, sched_cfg, recipe.sampler, recipe.calibration, progress)
     else:
         calib, cached = capture_from_pipeline(pipe, recipe, progress)
         sched_cfg = dict(pipe.scheduler.config)
-    if multi and main_rank:
-        distributed.barrier()
     timings["capture"] = time.perf_counter() - t
     # the FP report images come from the same UNet before it is quantized in place (no second copy)
     t = time.perf_counter()

@@ -84,12 +84,22 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 @torch.no_grad()
 def ddim_sample(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerConfig, noise: torch.Tensor,
                 batch_size: int = 256, on_step: StepHook | None = None, progress: bool | str = True, seed: int = 0,
-                cond: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                cond: dict[str, torch.Tensor] | None = None, shard: bool = False) -> torch.Tensor:
     """Run the DDIM loop from ``noise``; ``on_step(i, t, x_t, eps)`` sees every UNet call (batched).
     ``cond``: other forward inputs, one row per image (e.g. ``class_labels``).
 
-    Deterministic: eta = 0 needs no randomness; otherwise the variance noise comes from ``seed``.
+    Deterministic: eta = 0 needs no randomness; otherwise the variance noise comes from ``seed`` and the batch's
+    first image index. ``shard``: under torch.distributed, run only this rank's share of the batches (each one
+    exactly as one process runs it) and return every rank's images, the same as one process samples.
     """
+    from . import distributed
+
+    if shard and distributed.world()[1] > 1:
+        mine = distributed.share((noise.shape[0] + batch_size - 1) // batch_size)
+        a, b = mine.start * batch_size, min(noise.shape[0], mine.stop * batch_size)
+        local = ddim_sample(unet, scheduler_config, sampler, noise[a:b], batch_size, on_step, progress, seed + a,
+                            {k: v[a:b] for k, v in (cond or {}).items()}) if b > a else None
+        return distributed.gather_rows(None if local is None else {"x": local})["x"]
     out = []
     desc = progress if isinstance(progress, str) else "sample"
     sched = make_scheduler(scheduler_config, sampler)

@@ -13,14 +13,16 @@ from conftest import make_tiny_model_dir
 ALGOS = {"uniform": lambda: gaq.UniformConfig(iters=24, act_iters=12, batch_size=8, seed=3)}
 
 
-def _calibration(model_dir: str, cache: str):
+def _calibration(model_dir: str, cache: str, eta: float = 0.0):
+    """Batches of 4 of 6 images: ranks get unequal shares; with eta > 0 each batch draws its own variance noise."""
     from gaq_backend.calibration import capture_calibration
     from gaq_backend.config import CalibrationConfig, SamplerConfig
     from gaq_backend.models.loading import load_model
 
     loaded = load_model(model_dir)
-    cfg = CalibrationConfig(n_per_step=6, interval=2, n_groups=2, val_fraction=0.25, cache_dir=cache)
-    return loaded.unet, capture_calibration(loaded.unet, loaded.scheduler_config, SamplerConfig(num_inference_steps=6), cfg, False)[0]
+    cfg = CalibrationConfig(n_per_step=6, interval=2, n_groups=2, val_fraction=0.25, cache_dir=cache, batch_size=4)
+    sampler = SamplerConfig(num_inference_steps=6, eta=eta)
+    return loaded.unet, capture_calibration(loaded.unet, loaded.scheduler_config, sampler, cfg, False)[0]
 
 
 def _quantize(model_dir: str, cache: str, algorithm: str):
@@ -43,6 +45,7 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, cache: str, o
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        _calibration(model_dir, f"{cache}-eta1", eta=1.0)   # the capture alone, compared with one process's
         for algorithm in ALGOS:
             q, calib, ints = _quantize(model_dir, cache, algorithm)
             mse = torch.tensor(noise_mse(q, calib.val)[0], dtype=torch.float64)
@@ -54,12 +57,32 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, cache: str, o
 
 @pytest.fixture(scope="module")
 def two_process_models(tmp_path_factory):
-    """The tiny UNet (captured once: the ranks read the cache), quantized by two Gloo processes with each algorithm."""
+    """The tiny UNet captured and quantized by two Gloo processes (each samples its share of the capture into its
+    own cache folder, rank 0 writes it), and captured by this process (one thread, as each rank) into another."""
     root = tmp_path_factory.mktemp("dist")
     model_dir = make_tiny_model_dir(str(root / "unet"), seed=5)
-    _calibration(model_dir, str(root / "cache"))
-    torch.multiprocessing.spawn(_worker, args=(2, str(root / "init"), model_dir, str(root / "cache"), str(root / "q")), nprocs=2)
+    torch.multiprocessing.spawn(_worker, args=(2, str(root / "init"), model_dir, str(root / "cache2"), str(root / "q")), nprocs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # a convolution's float sums depend on the thread count; the ranks ran one each
+    try:
+        _calibration(model_dir, str(root / "cache"))
+        _calibration(model_dir, str(root / "cache-eta1"), eta=1.0)
+    finally:
+        torch.set_num_threads(threads)
     return model_dir, str(root / "cache"), root
+
+
+def test_a_capture_split_over_two_processes_is_the_single_process_capture(two_process_models):
+    """Rank r samples its contiguous share of the batches (seeded by their first image, as one process seeds them);
+    the rows are gathered by step in rank order: the cache rank 0 wrote is one process's, bit for bit."""
+    from gaq_backend.utils.cache import read_tensors
+
+    _, _, root = two_process_models
+    for one, two in ((root / "cache", root / "cache2"), (root / "cache-eta1", root / "cache2-eta1")):
+        (a,), (b,) = os.listdir(one), os.listdir(two)
+        assert a == b   # the same cache key: the world size is not part of it
+        a, b = read_tensors(str(one / a)), read_tensors(str(two / b))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGOS))
@@ -107,6 +130,28 @@ def test_torchrun_quantize_writes_one_folder_from_rank_0(tmp_path, tiny_model_di
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out", "r.yaml"]
     gaq.load_quantized(str(out))
 
+    # gaq eval's sampling split over the two processes: rank 0 writes the images one process samples
+    import numpy as np
+
+    from gaq_backend.evaluation.fid_eval import IMAGES_FILE, sample_dir
+
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "gaq_backend.cli", "eval", str(out), "--sample-only", "--num-samples", "5", "--batch-size", "2",
+                          "--cache-dir", str(tmp_path / "eval-cache"), "--device", "cpu"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("wrote ") == 1
+    with np.load(out / IMAGES_FILE) as z:
+        two = {k: z[k] for k in ("fp", "quantized")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sample_dir(str(out), 5, batch=2, progress=False, cache_dir=None)
+    finally:
+        torch.set_num_threads(threads)
+    with np.load(out / IMAGES_FILE) as z:
+        assert all(np.array_equal(z[k], two[k]) for k in two)
+
 
 def _check_same_worker(rank: int, world: int, init_file: str, out: str) -> None:
     from gaq_backend import distributed
@@ -127,3 +172,63 @@ def test_ranks_with_different_recipes_are_refused_on_every_rank(tmp_path):
     for rank in (0, 1):
         assert (tmp_path / f"err-{rank}").read_text() == ("ranks differ in their recipe (rank 0 vs rank 1); every rank must "
                                                           "run the same recipe")
+
+
+def _pipeline_recipe(pipe_dir: str, cache: str):
+    from conftest import tiny_recipe
+
+    from gaq_backend.recipe import recipe_from_dict
+
+    with open(os.path.join(os.path.dirname(pipe_dir), "prompts.txt"), "w") as f:
+        f.write("a red circle\na blue square\nthe digit seven\n")
+    d = tiny_recipe(pipe_dir, cache)
+    d["sampler"] = dict(kind="pipeline", num_inference_steps=4)
+    d["calibration"] = dict(d["calibration"], n_per_step=5, batch_size=2, n_groups=2, interval=1,
+                            prompts=os.path.join(os.path.dirname(pipe_dir), "prompts.txt"), guidance_scale=3.0)
+    return recipe_from_dict(d)
+
+
+def _pipeline_work(pipe_dir: str, cache: str, out: str) -> None:
+    """Capture (CFG: two rows an image) and images, 5 images in calls of 2: three calls over two ranks."""
+    from safetensors.torch import save_file
+
+    from gaq_backend.calibration.pipeline_capture import capture_from_pipeline, pipeline_images
+    from gaq_backend.models.loading import load_model
+
+    torch.set_num_threads(1)
+    recipe = _pipeline_recipe(pipe_dir, cache)
+    pipe = load_model(recipe.model).pipeline
+    pipe.set_progress_bar_config(disable=True)
+    calib, _ = capture_from_pipeline(pipe, recipe, progress=False)
+    images = pipeline_images(pipe, recipe, 5, 7, shard=True)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    save_file({"x": calib.x, "t": calib.t, "eps": calib.eps, "step": calib.step, "is_val": calib.is_val, "group": calib.group,
+               **{f"cond.{k}": v.contiguous() for k, v in calib.cond.items()}, "images": images.contiguous()}, out)
+
+
+def _pipeline_worker(rank: int, world: int, init_file: str, pipe_dir: str, cache: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _pipeline_work(pipe_dir, cache, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_pipeline_capture_and_its_images_split_over_two_processes_are_one_process_s(tmp_path):
+    """The user's pipeline: each rank runs its share of the calls (one prompt batch each, seeds by image index);
+    the calibration set (rows, split, groups, prompt embeddings) and the images are one process's, bit for bit."""
+    from safetensors.torch import load_file
+    from tiny_pipeline import make_tiny_sd_pipeline
+
+    pipe_dir = make_tiny_sd_pipeline(str(tmp_path / "sd" / "pipe"))
+    torch.multiprocessing.spawn(_pipeline_worker, args=(2, str(tmp_path / "init"), pipe_dir, str(tmp_path / "c2"),
+                                                       str(tmp_path / "two.safetensors")), nprocs=2)
+    threads = torch.get_num_threads()
+    try:
+        _pipeline_work(pipe_dir, str(tmp_path / "c1"), str(tmp_path / "one.safetensors"))
+    finally:
+        torch.set_num_threads(threads)
+    one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert len(one["x"]) == 2 * 5 * 4 and sorted(one) == sorted(two)
+    assert [k for k in one if not torch.equal(one[k], two[k])] == []

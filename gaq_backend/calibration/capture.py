@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import distributed
 from ..config import CalibrationConfig, SamplerConfig
 from ..sampling import ddim_sample, initial_noise, make_scheduler
-from .recorder import UNBATCHED, Recorder, calibration_from_tensors, unbatched_rows
+from .recorder import UNBATCHED, Recorder, calibration_from_tensors, gathered_tensors, unbatched_rows
 from ..utils.cache import prepare_cache_dir, read_tensors, write_tensors
 
 CACHE_FORMAT = 3
@@ -151,7 +152,7 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
     key = _cache_key(model_fingerprint(unet), scheduler_config, sampler, cfg, shape)
     path = os.path.join(prepare_cache_dir(cfg.cache_dir, "calibration.cache_dir"), f"calib-{key}.safetensors")
     raw = read_tensors(path)
-    cached = raw is not None
+    cached = distributed.agree(raw is not None)   # every rank reads the cache, or every rank samples its share
     if not cached:
         sched = make_scheduler(scheduler_config, sampler)
         recorded = {float(t) for t in sched.timesteps[::cfg.interval]}
@@ -160,11 +161,12 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
         unet.eval()
         with recorder:
             ddim_sample(unet, scheduler_config, sampler, initial_noise(cfg.n_per_step, shape, cfg.seed), cfg.batch_size,
-                        progress="capture" if progress else False, seed=cfg.seed, cond=cond)
+                        progress="capture" if progress else False, seed=cfg.seed, cond=cond, shard=True)
         unet.train(was_training)
-        raw = recorder.tensors()
+        raw = gathered_tensors(recorder)
         raw["timesteps"] = sched.timesteps.clone()  # every timestep the sampler visits, for per-timestep ranges
         check_finite(raw)  # a diverged model's data is refused, never cached
-        write_tensors(path, raw)
+        if distributed.is_main():
+            write_tensors(path, raw)
     calib = calibration_from_tensors(raw, cfg.val_fraction, cfg.n_groups, cfg.seed)
     return calib, cached

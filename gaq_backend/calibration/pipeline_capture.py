@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..config import ConfigError
 from ..utils.cache import prepare_cache_dir, read_tensors, write_tensors
 from .capture import check_finite, model_fingerprint
-from .recorder import Recorder, calibration_from_tensors
+from .recorder import Recorder, calibration_from_tensors, gathered_tensors
 
 CACHE_FORMAT = 2   # 2: steps kept by call index (was: by timestep value)
 
@@ -102,22 +103,25 @@ def capture_from_pipeline(pipe: Any, recipe, progress: bool = True):
                     prompts=read_prompts(cal.prompts) if cal.prompts else [], pipeline=type(pipe).__name__)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
     path = os.path.join(prepare_cache_dir(cal.cache_dir, "calibration.cache_dir"), f"calib-pipe-{key}.safetensors")
-    raw = cached = read_tensors(path)
-    if raw is None:
+    raw = read_tensors(path)
+    cached = distributed.agree(raw is not None)   # every rank reads the cache, or every rank records its share
+    if not cached:
         # CFG doubles the rows of each call: keep them all (up to the reservoir bound)
         from ..models.loading import denoiser_of
 
         # the i-th denoiser call of a run is the scheduler's i-th timestep (Flux reads it divided by 1000)
         recorder = Recorder(denoiser_of(pipe), max_per_step=2 * cal.n_per_step, seed=cal.seed,
                             keep_call=lambda i: i % cal.interval == 0)
+        mine = distributed.share(len(calls))   # under torchrun each rank runs its share of the calls
         with recorder, torch.no_grad():
-            for kw in calls:
+            for kw in calls[mine.start: mine.stop]:
                 recorder.start_run()
                 pipe(**kw, output_type="latent")
-        raw = recorder.tensors()
+        raw = gathered_tensors(recorder)
         check_finite(raw)
-        write_tensors(path, raw)
-    return calibration_from_tensors(raw, cal.val_fraction, cal.n_groups, cal.seed), cached is not None
+        if distributed.is_main():
+            write_tensors(path, raw)
+    return calibration_from_tensors(raw, cal.val_fraction, cal.n_groups, cal.seed), cached
 
 
 @torch.no_grad()
@@ -154,10 +158,15 @@ def pipeline_example_row(pipe: Any, recipe):
 
 
 @torch.no_grad()
-def pipeline_images(pipe: Any, recipe, n: int, seed: int) -> torch.Tensor:
-    """``n`` images (N, C, H, W) in [-1, 1] from the pipeline, the recipe's conditioning, seeds ``seed + i``."""
+def pipeline_images(pipe: Any, recipe, n: int, seed: int, shard: bool = False) -> torch.Tensor:
+    """``n`` images (N, C, H, W) in [-1, 1] from the pipeline, the recipe's conditioning, seeds ``seed + i``.
+    ``shard``: under torch.distributed, this rank runs its share of the calls; every rank gets all the images."""
+    calls = call_kwargs(pipe, recipe, n, seed)
+    mine = distributed.share(len(calls)) if shard else range(len(calls))
     out = []
-    for kw in call_kwargs(pipe, recipe, n, seed):
+    for kw in calls[mine.start: mine.stop]:
         images = pipe(**kw, output_type="np").images  # (B, H, W, C) in [0, 1]
-        out.append(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2) * 2 - 1)
-    return torch.cat(out).float()
+        out.append(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() * 2 - 1)
+    if not shard:
+        return torch.cat(out)
+    return distributed.gather_rows({"x": torch.cat(out)} if out else None)["x"]

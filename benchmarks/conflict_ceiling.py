@@ -91,7 +91,9 @@ class CeilingLearner(SampleWeightLearner):
         super().__init__(cfg, group, t)
         self.rows: dict[str, dict] = {}
 
-    def __call__(self, unit, data, train_mask):
+    def __call__(self, unit, data, train_mask, held=None):
+        if held is not None:
+            raise ValueError("conflict_ceiling runs in one process")
         factors = super().__call__(unit, data, train_mask)
         if factors is None:
             return None

@@ -7,10 +7,12 @@ import torch
 import gaq_backend as gaq
 from conftest import make_tiny_model_dir
 
-# minmax has no iterations to split: every rank computes it alike
-# temporal runs the same sharded sweep after its time path (computed alike on every rank): measured equal too
-# (noise_mse within 0.3% in float64), left out of the suite for time
-ALGOS = {"uniform": lambda: gaq.UniformConfig(iters=24, act_iters=12, batch_size=8, seed=3)}
+# minmax has no iterations to split: every rank computes it alike from the (gathered) calibration set
+RECON = dict(iters=24, act_iters=12, batch_size=8, seed=3)
+ALGOS = {"minmax": lambda: gaq.MinMaxConfig(),
+         "uniform": lambda: gaq.UniformConfig(**RECON),
+         "temporal": lambda: gaq.TemporalConfig(**RECON, tib_iters=12),
+         "gradient_aligned": lambda: gaq.GradientAlignedConfig(**RECON, outer_iters=3, outer_batch_size=6, diagnostic_samples=8)}
 
 
 def _calibration(model_dir: str, cache: str, eta: float = 0.0):
@@ -90,7 +92,10 @@ def test_two_processes_give_the_single_process_model(two_process_models, algorit
     """Each rank holds half of every unit's rows and computes its half of each batch; the gradients are summed.
     Integer weights match one process's except a handful (at most 1 in 2000): Adam's step has the sign of the
     gradient whatever its size, so where a weight's gradient is float noise around 0, the two runs step apart and
-    a rounding variable near 0 may flip (measured: 4 of 43k in float64). noise_mse within 1%."""
+    a rounding variable near 0 may flip, and a step size whose gradient is noise drifts by Adam's learning rate per
+    step (measured in float64: uniform 0 flips, one attention-probability step size 10% apart, noise_mse 0.87%;
+    temporal 0 flips, 0.0%; minmax identical). noise_mse within 1%; for gradient_aligned, whose sample weights
+    follow the units' inputs (identical up to the first unit a drift reaches), 3% (measured: 4 flips, 2.0%)."""
     from safetensors.torch import load_file
 
     from gaq_backend.evaluation import noise_mse
@@ -102,7 +107,7 @@ def test_two_processes_give_the_single_process_model(two_process_models, algorit
     flips = sum(int((got[k] != v).sum()) for k, v in ints.items())
     assert set(got) - {"noise_mse"} == set(ints) and flips <= total // 2000, (flips, total)
     single = noise_mse(q, calib.val)[0]
-    assert abs(float(got["noise_mse"]) - single) <= 0.01 * single
+    assert abs(float(got["noise_mse"]) - single) <= (0.03 if algorithm == "gradient_aligned" else 0.01) * single
 
 
 def test_torchrun_quantize_writes_one_folder_from_rank_0(tmp_path, tiny_model_dir):

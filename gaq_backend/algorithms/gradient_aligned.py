@@ -34,7 +34,7 @@ from ..quantizers.adaround import AdaRound
 from .block_cache import BlockData
 from .blocks import ReconUnit
 from .common import set_quant_state
-from .reconstruction import per_sample_lp, sample_factors
+from .reconstruction import Shard, per_sample_lp, sample_factors, sharded_loss
 from .registry import register_algorithm
 from .result import CalibrationRecord
 from .sample_weights import SampleWeights, UnitWeights
@@ -99,7 +99,11 @@ def _mean_offdiag(m: list[list[float]]) -> float:
 class UnitProbe:
     """A unit's AdaRound parameters as plain tensors and its per-sample losses as a function of them."""
 
-    def __init__(self, unit: ReconUnit) -> None:
+    def __init__(self, unit: ReconUnit, train: Shard | None = None, val: Shard | None = None) -> None:
+        # train / val: which of all ranks' rows this process's data holds (None: all); the gradients and
+        # alignments below are then this rank's parts, summed over ranks (docs/distributed.md)
+        self.train, self.val = train, val
+        self.sharded = bool(train is not None and (train.split or val.split))
         self.module, self.layers = unit.module, [l for _, l in unit.layers()]
         for l in self.layers:
             l.weight_rounding = AdaRound(l)
@@ -111,27 +115,48 @@ class UnitProbe:
         out, target = data.run(self.module, idx, dict(zip(self.names, theta)))
         return per_sample_lp(out, target, 2.0)
 
+    def grad(self, part: torch.Tensor | None, theta: list[torch.Tensor], create_graph: bool = False,
+             retain_graph: bool | None = None) -> list[torch.Tensor]:
+        """d part / d theta, summed over ranks when sharded (a rank without rows in it adds zeros)."""
+        from .. import distributed
+
+        g = (list(torch.autograd.grad(part, theta, create_graph=create_graph, retain_graph=retain_graph)) if part is not None
+             else [torch.zeros_like(t) for t in theta])
+        return distributed.sum_tensors(g, theta[0].dtype) if self.sharded else g
+
+    def mean_loss(self, theta: list[torch.Tensor], data: BlockData, idx: torch.Tensor, factors: torch.Tensor | None = None,
+                  val: bool = False) -> torch.Tensor | None:
+        """This rank's part of the mean loss of rows ``idx`` (of all ranks' training or validation rows)."""
+        shard = (self.val if val else self.train) or Shard(torch.arange(len(data), device="cpu"))
+        return sharded_loss(lambda i: self.losses(theta, data, i), shard, factors, idx)
+
     def group_grads(self, theta: list[torch.Tensor], data: BlockData, groups: list[torch.Tensor],
                     create_graph: bool = False) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
-        """Gradient of each group's mean loss, and the losses."""
+        """Gradient of each validation group's mean loss, and the losses (this rank's parts when sharded)."""
         grads, losses = [], []
         for idx in groups:
-            loss = self.losses(theta, data, idx).mean()
-            grads.append(list(torch.autograd.grad(loss, theta, create_graph=create_graph)))
-            losses.append(loss)
+            loss = self.mean_loss(theta, data, idx, val=True)
+            grads.append(self.grad(loss, theta, create_graph))
+            losses.append(loss if loss is not None else torch.zeros((), device=theta[0].device))
         return grads, torch.stack(losses)
 
     @torch.no_grad()
     def alignments(self, theta: list[torch.Tensor], data: BlockData, idx: torch.Tensor,
                    directions: list[list[torch.Tensor]], fd_step: float) -> torch.Tensor:
-        """(B, G) matrix of grad l_i(theta) . direction_g by central differences, in float64."""
-        cols = []
-        for d in directions:
+        """(B, G) matrix of grad l_i(theta) . direction_g by central differences, in float64 (``idx``: training rows;
+        when sharded each rank fills the rows it holds and the matrix is summed)."""
+        from .. import distributed
+
+        local, held = (self.train.mine(idx) if self.train is not None else (idx, torch.ones(len(idx), dtype=torch.bool)))
+        out = torch.zeros(len(idx), len(directions), dtype=torch.float64, device="cpu")
+        for g, d in enumerate(directions):
+            if not len(local):
+                continue
             eps = fd_step / max(max(float(x.abs().max()) for x in d), 1e-30)
-            plus = self.losses([t + eps * x for t, x in zip(theta, d)], data, idx).double()
-            minus = self.losses([t - eps * x for t, x in zip(theta, d)], data, idx).double()
-            cols.append((plus - minus) / (2 * eps))
-        return torch.stack(cols, 1)
+            plus = self.losses([t + eps * x for t, x in zip(theta, d)], data, local).double()
+            minus = self.losses([t - eps * x for t, x in zip(theta, d)], data, local).double()
+            out[held, g] = ((plus - minus) / (2 * eps)).cpu()
+        return distributed.sum_tensors([out])[0] if self.sharded else out
 
     def close(self) -> None:
         for l in self.layers:
@@ -156,8 +181,8 @@ def outer_step(probe: UnitProbe, theta: list[torch.Tensor], s: torch.Tensor, idx
     s_ = s.detach().requires_grad_(True)
     w = torch.softmax(s_ / cfg.tau, 0)
     th = [t.detach().requires_grad_(True) for t in theta]
-    inner = (probe.losses(th, train, idx) * (n * w[idx]).to(th[0].device, th[0].dtype)).mean()
-    g = torch.autograd.grad(inner, th, create_graph=not first)
+    inner = probe.mean_loss(th, train, idx, n * w)
+    g = probe.grad(inner, th, create_graph=not first)
     # the step's size is fixed (RMS = inner_lr) and its normaliser held constant in the outer gradient
     rms = torch.sqrt(sum(x.detach().pow(2).sum() for x in g) / sum(x.numel() for x in g))
     eta = cfg.inner_lr / max(float(rms), 1e-30)
@@ -195,20 +220,27 @@ def validation_groups(group: torch.Tensor, is_val: torch.Tensor) -> list[torch.T
 
 
 def learn_sample_weights(unit: ReconUnit, data: BlockData, train_mask: torch.Tensor, group: torch.Tensor,
-                         cfg: GradientAlignedConfig, gen: torch.Generator) -> UnitWeights:
-    """Algorithm 2 for one unit: N * w for the unit's training samples."""
+                         cfg: GradientAlignedConfig, gen: torch.Generator, held: torch.Tensor | None = None) -> UnitWeights:
+    """Algorithm 2 for one unit: N * w for the unit's training samples (``train_mask``: of the whole set; ``data``
+    holds the rows ``held``, this rank's share under torch.distributed; None: all of them)."""
     if not unit.layers():
         return UnitWeights(None, {"skipped": "no weights to round in this unit"})
     t0 = time.perf_counter()
-    train, val = data.subset(train_mask), data.subset(~train_mask)
+    held = torch.arange(len(train_mask), device="cpu") if held is None else held
+    train, val = data.subset(train_mask[held]), data.subset(~train_mask[held])
+    shards = Shard.of(~train_mask, held), Shard.of(train_mask, held)
+    if cfg.order == "second" and (shards[0].split or shards[1].split):
+        raise ConfigError("gradient_aligned order: second differentiates through the whole unit cache and runs in one "
+                          "process; use order: first with torchrun")
     g_train = group[train_mask]
     n_groups = int(group.max()) + 1
     val_groups = validation_groups(group, ~train_mask)
     p = torch.tensor([len(v) for v in val_groups], dtype=torch.float64, device="cpu")
     p /= p.sum()
-    n, b = len(train), min(cfg.outer_batch_size, len(train))
+    n = int(train_mask.sum())
+    b = min(cfg.outer_batch_size, n)
     set_quant_state(unit.module, weight=True, act=False)
-    probe = UnitProbe(unit)
+    probe = UnitProbe(unit, *shards)
     try:
         theta = probe.theta
         opt_theta = torch.optim.Adam(theta, lr=cfg.lr)
@@ -253,17 +285,18 @@ def _group_gradient_distances(probe: UnitProbe, theta: list[torch.Tensor], train
                               w: torch.Tensor, n_groups: int, limit: int) -> dict:
     """The paper's Figure 1a: pairwise cosine distance of the per-group training gradients at the probe's
     parameters, with uniform weights ("before") and with the learned weights ("after")."""
-    sub = torch.randperm(len(train), generator=torch.Generator().manual_seed(0), device="cpu")[:limit]  # never shifts the learning stream
+    sub = torch.randperm(len(g_train), generator=torch.Generator().manual_seed(0), device="cpu")[:limit]  # never shifts the learning stream
     before, after = [], []
     th = [t.detach().requires_grad_(True) for t in theta]
     for g in range(n_groups):
         idx = sub[g_train[sub] == g]
         if len(idx) == 0:
             continue
-        loss = probe.losses(th, train, idx)
-        before.append(list(torch.autograd.grad(loss.mean(), th, retain_graph=True)))
-        wi = w[idx] / w[idx].sum()
-        after.append(list(torch.autograd.grad((loss * wi.float()).sum(), th)))
+        wi = (w[idx] / w[idx].sum()).float()
+        local, held = probe.train.mine(idx) if probe.train is not None else (idx, slice(None))
+        loss = probe.losses(th, train, local) if len(local) else None   # this rank's rows of the group
+        before.append(probe.grad(None if loss is None else loss.sum() / len(idx), th, retain_graph=True))
+        after.append(probe.grad(None if loss is None else (loss * wi[held].to(loss.device)).sum(), th))
     mb, ma = _cos_distances(before), _cos_distances(after)
     return dict(cos_dist_before=_mean_offdiag(mb), cos_dist_after=_mean_offdiag(ma), cos_dist_matrix_before=mb, cos_dist_matrix_after=ma)
 
@@ -277,9 +310,9 @@ class SampleWeightLearner:
         self.gen = torch.Generator().manual_seed(cfg.seed + 2)
         self.result = SampleWeights(t, group)
 
-    def __call__(self, unit: ReconUnit, data: BlockData, train_mask: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, unit: ReconUnit, data: BlockData, train_mask: torch.Tensor, held: torch.Tensor | None = None) -> torch.Tensor | None:
         self.result.train_mask = train_mask
-        weights = learn_sample_weights(unit, data, train_mask, self.result.group, self.cfg, self.gen)
+        weights = learn_sample_weights(unit, data, train_mask, self.result.group, self.cfg, self.gen, held)
         self.result.units[unit.name] = weights
         return weights.factors
 

@@ -116,7 +116,7 @@ def sharded_loss(per_sample: Callable[[torch.Tensor], torch.Tensor], shard: Shar
         return None
     loss = per_sample(local)
     if factors is not None:
-        loss = loss * factors[idx[held]]
+        loss = loss * factors[idx[held]].to(loss.device, loss.dtype)
     return loss.mean() if len(local) == len(idx) else loss.sum() / len(idx)
 
 
@@ -209,7 +209,9 @@ def unit_mse(unit: ReconUnit, data: BlockData, batch_size: int, limit: int = 256
     return float(total / count)
 
 
-WeightFn = Callable[[ReconUnit, BlockData, torch.Tensor], torch.Tensor | None]
+# weight_fn(unit, data, train_mask, held): factors over all ranks' training rows (train_mask: of the whole set); data
+# holds the rows ``held`` (None: all of them), as a rank holds its share (docs/distributed.md)
+WeightFn = Callable[[ReconUnit, BlockData, torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
 
 
 def init_ranges(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: ReconstructionConfig, progress: bool) -> None:
@@ -255,18 +257,16 @@ def _unit_data(fp: UnitStream | RecordedTargets, quant: UnitStream, calib: Calib
 
 def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: ReconstructionConfig,
           progress: bool, units: list[ReconUnit], plan: MemoryPlan, weight_fn: WeightFn | None = None) -> dict[str, UnitRecord]:
-    """Reconstruct ``units`` (in forward order, from ``plan_sweep``). ``weight_fn(unit, data, train_mask)`` may
+    """Reconstruct ``units`` (in forward order, from ``plan_sweep``). ``weight_fn(unit, data, train_mask, held)`` may
     return per-sample factors (``N * w_i``) for the unit's training samples; None means uniform weighting."""
     from .. import distributed
 
     gen = torch.Generator().manual_seed(cfg.seed)   # seeded alike on every rank: the same batches everywhere
-    shard = None
+    shard = held = None
+    all_train = ~calib.is_val
     if distributed.world()[1] > 1:   # this rank's rows only: its unit caches hold 1/N of every unit's data
-        if weight_fn is not None:
-            raise NotImplementedError("gradient_aligned across processes is not implemented yet (its sample weights "
-                                      "are learned on the whole unit cache); run it in one process")
-        rows = distributed.owned(len(calib))
-        calib, shard = calib.subset(rows), Shard.of(calib.is_val, rows)
+        held = distributed.owned(len(calib))
+        calib, shard = calib.subset(held), Shard.of(calib.is_val, held)
     train_mask = ~calib.is_val
     stats: dict[str, UnitRecord] = {}
     modules = [(u.name, u.module) for u in units]
@@ -281,7 +281,7 @@ def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: Rec
             data, spilled = _unit_data(fp, quant, calib, plan, config.calibration.cache_dir)
             try:
                 t1 = time.perf_counter()
-                factors = weight_fn(unit, data, train_mask) if weight_fn is not None else None
+                factors = weight_fn(unit, data, all_train, held) if weight_fn is not None else None
                 t2 = time.perf_counter()
                 train = data.subset(train_mask)
                 before = unit_mse(unit, train, cfg.batch_size, shard=shard)

@@ -7,6 +7,11 @@ The UNet is diffusers' UNet2DConditionModel built from the public SD 1.5 UNet co
 (unconditional and conditional text embeddings, 77 x 768) at a 32x32 latent, over 4 timesteps. Each size
 runs `uniform` W4A8 with a few AdaRound and step-size iterations in its own process, whose peak resident
 memory (VmHWM) is the figure reported beside the estimate gaq prints before the work. Prints a markdown table.
+
+    python benchmarks/memory_sd15.py --rows 16 --processes 2     # docs/benchmarks.md, "Distributed reconstruction"
+
+``--processes N`` runs each size under ``torchrun --standalone --nproc-per-node N`` (Gloo, one thread per process
+with ``--threads 1``): each rank caches half of every unit's rows; the peak is the largest rank's.
 """
 from __future__ import annotations
 
@@ -73,7 +78,10 @@ def child(args) -> dict:
     from gaq_backend.api import quantize
     from gaq_backend.config import preset
 
+    from gaq_backend import distributed
+
     torch.set_num_threads(args.threads)
+    distributed.init_from_env(args.device)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     unet = UNet2DConditionModel(**SD15_UNET).eval()
@@ -99,11 +107,14 @@ def child(args) -> dict:
         recon.reconstruct_unit = traced
     quantize(unet, config, calib, progress=False)
     t2 = time.perf_counter()
+    peaks: list = [peak_rss()] * distributed.world()[1]
+    if distributed.active():
+        torch.distributed.all_gather_object(peaks, peak_rss())
     stats = unet.gaq_info.stats.to_dict()
     blocks = [b for b in stats["blocks"].values() if b["kind"] == "block"]
     per_iter = [b["seconds_reconstruct"] / (2 * args.iters) for b in blocks]
     return dict(rows=args.rows[0], latent=args.latent, weights_bytes=weights, params=sum(p.numel() for p in unet.parameters()),
-                peak_rss=peak_rss(), rss_after_model=rss_model, seconds_build=t1 - t0, seconds_quantize=t2 - t1,
+                peak_rss=max(peaks), processes=len(peaks), rss_after_model=rss_model, seconds_build=t1 - t0, seconds_quantize=t2 - t1,
                 seconds_cache=sum(b["seconds_cache"] for b in stats["blocks"].values()),
                 seconds_per_block_iteration_mean=sum(per_iter) / len(per_iter), seconds_per_block_iteration_max=max(per_iter),
                 units=len(stats["blocks"]), on_disk=sum(b["on_disk"] for b in stats["blocks"].values()),
@@ -123,20 +134,27 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where the UNet computes (cuda: the peak GPU memory is reported too)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the UNet's and calibration inputs' dtype")
     ap.add_argument("--fp-targets", default="auto", choices=["auto", "pass", "disk"], help="the algorithm's fp_targets setting")
+    ap.add_argument("--processes", type=int, default=1, help="torchrun processes (data-parallel reconstruction)")
     ap.add_argument("--json")
     ap.add_argument("--trace", action="store_true", help="print resident and peak memory after each unit")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args)))
+        from gaq_backend import distributed
+
+        result = child(args)
+        if distributed.is_main():
+            print(json.dumps(result))
         return
     results = []
     for rows in args.rows:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--rows", str(rows), "--latent", str(args.latent),
+        launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.processes)]
+                                     if args.processes > 1 else [])
+        cmd = launch + [os.path.abspath(__file__), "--child", "--rows", str(rows), "--latent", str(args.latent),
                "--iters", str(args.iters), "--batch-size", str(args.batch_size), "--cache-batch-size", str(args.cache_batch_size),
                "--threads", str(args.threads), "--device", args.device, "--dtype", args.dtype, "--fp-targets", args.fp_targets] + (["--trace"] if args.trace else [])
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        results.append(json.loads([ln for ln in out.strip().splitlines() if ln.startswith("{")][0]))
         r = results[-1]
         gpu = f", peak GPU memory {r['peak_gpu'] / GiB:.2f} GiB" if r["peak_gpu"] is not None else ""
         print(f"rows {rows}: peak {r['peak_rss'] / GiB:.2f} GiB{gpu} (estimate {r['plan']['peak'] / GiB:.2f}), "

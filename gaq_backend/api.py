@@ -137,10 +137,15 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
 
 
 def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: CalibrationSet, progress: bool = True) -> nn.Module:
+    from . import distributed
+
     spec = get_algorithm(config.algorithm.name)
     calibration.check_finite()
     if len(calibration.train) == 0:
         raise ValueError("calibration set has no training samples")
+    if distributed.world()[1] > 1:   # each rank reconstructs its rows of one shared set (docs/distributed.md)
+        distributed.check_same(calibration.fingerprint(), "calibration set",
+                               "every rank must pass the same CalibrationSet or run the same forward_loop")
     held_out = calibration.val.spread(64)  # up to 64 held-out inputs spread over all timesteps, for the export parity check
     if config.calibration.storage_dtype != "model":
         calibration = calibration.stored_as(getattr(torch, config.calibration.storage_dtype))

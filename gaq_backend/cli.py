@@ -399,18 +399,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gaq: interrupted; no output was written", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as e:
+    except Exception as e:
         if args.debug:
             raise
+        return _report_error(e)
+
+
+def _report_error(e: Exception) -> int:
+    """One line on stderr and the exit status, for an error that reached the command line."""
+    if _peer_lost(e):   # under torchrun: the rank that failed printed its own line (or died without one)
+        print(f"gaq: {_rank()}stopped: another rank exited (its own line, if it printed one, names its error)", file=sys.stderr)
+        return 1
+    if isinstance(e, (ValueError, OSError, RuntimeError)):
         # gaq's own input errors name what to change; anything else from these classes may be a bug
         hint = "" if isinstance(e, INPUT_ERRORS) or type(e) is ValueError else " (run with --debug for the traceback)"
         print(f"gaq: error: {_rank()}{one_line(e)}{hint}", file=sys.stderr)
         return 2
-    except Exception as e:  # a bug in gaq: still one line, and the way to see more
-        if args.debug:
-            raise
-        print(f"gaq: internal error: {_rank()}{type(e).__name__}: {one_line(e, 300)} (run with --debug for the traceback)", file=sys.stderr)
-        return 1
+    # a bug in gaq: still one line, and the way to see more
+    print(f"gaq: internal error: {_rank()}{type(e).__name__}: {one_line(e, 300)} (run with --debug for the traceback)", file=sys.stderr)
+    return 1
+
+
+def _peer_lost(e: Exception) -> bool:
+    """A collective that failed because another rank went away (Gloo: the connection closed; NCCL: the watchdog)."""
+    from . import distributed
+
+    if not distributed.active() or distributed.world()[1] == 1:
+        return False
+    import torch
+
+    text = str(e)
+    return isinstance(e, getattr(torch.distributed, "DistNetworkError", ())) or any(
+        k in text for k in ("closed by peer", "Connection reset by peer", "remote worker crashing", "NCCL communicator was aborted"))
 
 
 def _rank() -> str:

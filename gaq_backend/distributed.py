@@ -153,8 +153,9 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def check_same(value: str, what: str) -> None:
-    """Refuse to go on when ranks disagree on ``value`` (a recipe, a model fingerprint): compared by hash."""
+def check_same(value: str, what: str, fix: str | None = None) -> None:
+    """Refuse to go on when ranks disagree on ``value`` (a recipe, a model fingerprint): compared by hash. ``fix``:
+    what to do instead of the default "every rank must run the same <what>"."""
     if not active() or world()[1] == 1:
         return
     digest = hashlib.sha256(value.encode()).hexdigest()[:16]
@@ -163,4 +164,4 @@ def check_same(value: str, what: str) -> None:
     if len(set(seen)) > 1:
         odd = [r for r, d in enumerate(seen) if d != seen[0]]
         raise ValueError(f"ranks differ in their {what} (rank 0 vs rank{'s' if len(odd) > 1 else ''} "
-                         f"{', '.join(map(str, odd))}); every rank must run the same {what}")
+                         f"{', '.join(map(str, odd))}); {fix or f'every rank must run the same {what}'}")

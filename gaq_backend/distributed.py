@@ -8,8 +8,10 @@ What is split (data parallel): each rank holds the calibration rows ``rank::worl
 cache (its inputs and FP targets: memory per rank / N), and computes the loss terms of its own rows of each
 iteration's global batch, which one generator, seeded alike on every rank, draws as one process would. The
 gradients of AdaRound's V and of the activation step sizes are summed over ranks (one all-reduce per iteration),
-so every rank takes the same step and holds the same model. What is not split (every rank computes it, alike):
-the capture, the initial ranges, ``temporal``'s time path (one row per timestep). Rank 0 writes the output.
+so every rank takes the same step and holds the same model (``gradient_aligned``'s meta-gradient likewise). The
+sampling of a capture or an evaluation is split by batches (:func:`share`) and gathered in rank order
+(:func:`gather_rows`): the rows one process gets. What is not split (every rank computes it, alike): the initial
+ranges, ``temporal``'s time path (one row per timestep). Rank 0 writes the output.
 """
 from __future__ import annotations
 

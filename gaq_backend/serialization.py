@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import QuantConfig
+from .quantizers import output_correction
 from .sampling import model_dtype
 from .utils.errors import library_logs_as_warnings, one_line
 from .utils.inputs import check_input, read_json_object
@@ -202,6 +203,7 @@ def load_quantized(folder: str) -> tuple[nn.Module, dict, "object"]:
     wrap_report = wrap_for_config(model, qcfg)
     state = _read_weights(os.path.join(folder, WEIGHTS_FILE))
     _prepare_timestep_tables(model, state)
+    output_correction.prepare_for_state(model, state)
     for name, layer in quant_layers(model):
         key = f"{name}.weight_int"
         if key in state:

@@ -43,6 +43,7 @@ class CalibrationRecord:
     blocks: dict[str, UnitRecord] = field(default_factory=dict)     # per reconstruction unit, in forward order
     temporal_block: TemporalBlockRecord | str | None = None         # a string says why there was none
     sample_weights: SampleWeights | None = None                     # gradient_aligned's learned weights
+    output_correction: dict | None = None                           # bias_correction: timestep's table figures
     extra: dict[str, Any] = field(default_factory=dict)             # a registered third-party algorithm's own (JSON) figures
 
     def to_dict(self) -> dict:
@@ -56,6 +57,8 @@ class CalibrationRecord:
             out["temporal_block"] = tb if isinstance(tb, str) else asdict(tb)
         if self.sample_weights is not None:
             out["sample_weights"] = self.sample_weights.summary()
+        if self.output_correction is not None:
+            out["output_correction"] = self.output_correction
         return out
 
     def write_files(self, folder: str) -> list[str]:

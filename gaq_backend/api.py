@@ -158,9 +158,9 @@ def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: Calibr
     if not isinstance(stats, CalibrationRecord):  # a third-party algorithm's own figures
         stats = CalibrationRecord(extra=dict(stats or {}))
     freeze_weights(model)
-    if config.bias_correction == "timestep":
+    if config.output_correction != "none":
         from .quantizers.output_correction import fit_output_correction
 
-        stats.output_correction = fit_output_correction(model, calibration)
+        stats.output_correction = fit_output_correction(model, calibration, config.output_correction)
     model.gaq_info = QuantizationInfo(config, report, stats, held_out)
     return model

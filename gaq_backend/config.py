@@ -183,10 +183,10 @@ class QuantConfig(GaqBaseConfig):
     # with the default keep_fp, also keep the conditioning path, patch embedding and final projection, found in
     # one probe call (wrapping/roles.py); the names found are added to keep_fp of the quantized model's config
     keep_fp_by_role: bool = True
-    # "timestep": after calibration, subtract from the model's output its mean error against the FP model per
-    # recorded timestep and output channel (quantizers/output_correction.py; exported into the graph). Our
-    # extension (issue 29), after PTQD's bias correction; "none": the output as the quantized layers compute it
-    bias_correction: Literal["none", "timestep"] = "none"
+    # after calibration, map the model's output per recorded timestep and output channel to a * out + b * x + c,
+    # least squares against the FP output on the calibration rows (quantizers/output_correction.py; exported into
+    # the graph): "bias" fits c only (PTQD's bias correction), "affine" all three. Our extension (issue 29)
+    output_correction: Literal["none", "bias", "affine"] = "none"
     algorithm: AlgorithmConfig | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # recording budget, split and groups
 

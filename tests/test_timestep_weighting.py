@@ -97,10 +97,12 @@ def test_a_weighted_recipe_quantizes_differently_from_an_unweighted_one(write_re
     assert any(not torch.equal(codes["none"][k], codes["sampling"][k]) for k in codes["none"])
 
 
-# -- bias_correction: timestep -------------------------------------------------------------------------------------
-def test_bias_correction_removes_the_mean_error_per_timestep_reloads_and_exports(tmp_path):
-    """The table zeroes the per-timestep, per-channel mean error on the rows it was fitted on; it is saved with the
-    weights, applied after a reload and traced into the ONNX graph (whose outputs follow the table's timestep)."""
+# -- quantization.output_correction --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["bias", "affine"])
+def test_output_correction_is_the_least_squares_fit_per_timestep_reloads_and_exports(kind, tmp_path):
+    """On the rows it was fitted on, the corrected error is orthogonal to the fit's columns per timestep and channel
+    (the mean error is 0; for affine, also uncorrelated with the output and the input); the table is saved with the
+    weights, applied after a reload and traced into the ONNX graph, whose outputs follow the table's timestep."""
     import json
 
     import numpy as np
@@ -109,26 +111,37 @@ def test_bias_correction_removes_the_mean_error_per_timestep_reloads_and_exports
     from exporters.onnx_export import build_quantized_onnx, export_quantized
     from exporters.ort_runtime import create_session, predict_noise
     from gaq_backend import load_quantized
-    from gaq_backend.quantizers.output_correction import MODULE_NAME, per_channel_mean
+    from gaq_backend.models import load_unet
+    from gaq_backend.quantizers.output_correction import MODULE_NAME
     from gaq_backend.sampling import unet_forward
 
-    d = _quantize_tiny(str(tmp_path), "bc", TINY_UNET, quantization=dict(w_bits=3, a_bits=8, bias_correction="timestep"))
+    d = _quantize_tiny(str(tmp_path), kind, TINY_UNET, quantization=dict(w_bits=3, a_bits=8, output_correction=kind))
     rep = json.loads(open(f"{d}/report.json").read())["algorithm_stats"]["output_correction"]
-    assert rep["max_abs_bias"] > 0 and rep["train_mse_after"] < rep["train_mse_before"]
+    assert rep["kind"] == kind and rep["train_mse_after"] < rep["train_mse_before"]
     model, sched, recipe = load_quantized(d)
     table = getattr(model, MODULE_NAME)
-    assert table.t.tolist() == rep["timesteps"] and float(table.bias.abs().max()) == pytest.approx(rep["max_abs_bias"])
-    calib, _ = capture_calibration(_tiny_from(recipe), sched, recipe.sampler, recipe.calibration, progress=False)
+    assert table.t.tolist() == rep["timesteps"]
+    assert (table.coef[..., 0] == 1).all() and (table.coef[..., 1] == 0).all() if kind == "bias" else (table.coef[..., 1] != 0).any()
+    calib, _ = capture_calibration(load_unet(recipe.model), sched, recipe.sampler, recipe.calibration, progress=False)
     train = calib.train
     with torch.no_grad():
+        fitted = table.coef.clone()
+        table.coef.zero_()[..., 0] = 1.0                                                 # the identity map: raw outputs
+        uncorrected = {t: unet_forward(model, r.x, r.t) for t, r in
+                       ((t, train.subset(train.t.double() == t)) for t in rep["timesteps"])}
+        table.coef.copy_(fitted)
         for t in rep["timesteps"]:
             rows = train.subset(train.t.double() == t)
-            err = unet_forward(model, rows.x, rows.t) - rows.eps.float()
-            assert per_channel_mean(err).abs().max() < 1e-5 * float(err.abs().max())   # zero where it was fitted
+            err = (unet_forward(model, rows.x, rows.t) - rows.eps.float()).double()
+            scale = float(err.abs().max()) * err.numel()
+            assert abs(float(err.sum())) < 1e-4 * scale                                   # mean error 0
+            if kind == "affine":
+                assert abs(float((err * uncorrected[t]).sum())) < 1e-4 * scale * float(uncorrected[t].abs().max())
+                assert abs(float((err * rows.x).sum())) < 1e-4 * scale * float(rows.x.abs().max())
     # the exported graph applies it too: the same outputs as PyTorch, and a timestep's own entry is used
-    res = export_quantized(d, str(tmp_path / "bc.onnx"), "int8", progress=False)
+    res = export_quantized(d, str(tmp_path / f"{kind}.onnx"), "int8", progress=False)
     assert res.parity["mean_steps"] <= res.parity["bounds"]["mean_steps"]
-    table.bias.copy_(torch.tensor([[10.0 * (i + 1)] for i in range(len(table.t))]))   # make the table dominate
+    table.coef[..., 2] = torch.tensor([10.0 * (i + 1) for i in range(len(table.t))]).unsqueeze(1)   # make c dominate
     sess = create_session(build_quantized_onnx(model, "int8", 21, {}))
     x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([int(table.t[0]), int(table.t[-1])])
@@ -136,10 +149,4 @@ def test_bias_correction_removes_the_mean_error_per_timestep_reloads_and_exports
         want = model(x, t).sample.numpy()
     got = predict_noise(sess, x.numpy(), t.numpy())
     assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
-    assert want[1].mean() < want[0].mean() - 5   # the last entry's bias is 10 x (n - 1) above the first's
-
-
-def _tiny_from(recipe):
-    from gaq_backend.models import load_unet
-
-    return load_unet(recipe.model)
+    assert want[1].mean() > want[0].mean() + 5   # the last entry's c is 10 x (n - 1) above the first's

@@ -43,7 +43,7 @@ class CalibrationRecord:
     blocks: dict[str, UnitRecord] = field(default_factory=dict)     # per reconstruction unit, in forward order
     temporal_block: TemporalBlockRecord | str | None = None         # a string says why there was none
     sample_weights: SampleWeights | None = None                     # gradient_aligned's learned weights
-    output_correction: dict | None = None                           # bias_correction: timestep's table figures
+    output_correction: dict | None = None                           # quantization.output_correction's table figures
     extra: dict[str, Any] = field(default_factory=dict)             # a registered third-party algorithm's own (JSON) figures
 
     def to_dict(self) -> dict:

@@ -15,13 +15,12 @@ timestep, a Mul and two Adds. Where the output's shape differs from the input's 
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
+from .timestep import call_sample_and_timestep
+
 MODULE_NAME = "gaq_output_correction"
-KINDS = ("none", "bias", "affine")
 
 
 def channel_dim(out: torch.Tensor) -> int:
@@ -53,9 +52,7 @@ class OutputCorrection(nn.Module):
 
 
 def _apply_hook(module: nn.Module, args, kwargs, out):
-    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments   # timestep's position varies
-    x = next(iter(bound.values()))
-    t = torch.as_tensor(bound["timestep"], device=x.device)
+    x, t = call_sample_and_timestep(module, args, kwargs)
     correct = getattr(module, MODULE_NAME)
     if isinstance(out, tuple):                            # return_dict=False
         return (correct(out[0], t, x), *out[1:])

@@ -61,12 +61,18 @@ class TimestepRanges(nn.Module):
         return self.scale[idx].view(shape), self.zero_point[idx].view(shape)
 
 
-def _timestep_pre_hook(module, args, kwargs):
+def call_sample_and_timestep(module: nn.Module, args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """A denoiser call's first input (the sample) and its timestep, from a forward hook's arguments."""
     import inspect
 
     bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments   # timestep's position varies by class
     sample = next(iter(bound.values()))
-    t = torch.as_tensor(bound["timestep"], device=sample.device).reshape(-1)
+    return sample, torch.as_tensor(bound["timestep"], device=sample.device)
+
+
+def _timestep_pre_hook(module, args, kwargs):
+    sample, t = call_sample_and_timestep(module, args, kwargs)
+    t = t.reshape(-1)
     if t.numel() == 1:
         t = t.expand(sample.shape[0])
     _TOKENS.__dict__.setdefault("stack", []).append(_CURRENT_T.set(t))

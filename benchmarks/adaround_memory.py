@@ -1,4 +1,5 @@
 """Peak resident memory per weight of AdaRound on one large convolution, above the layer itself.
+Reproduces: docs/benchmarks.md, "Memory and time at Stable Diffusion size".
 
     python benchmarks/adaround_memory.py            # 1280 -> 1280 channels, 3x3 (14.7M weights), 6 iterations
 

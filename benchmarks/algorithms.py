@@ -1,4 +1,5 @@
 """Compare calibration algorithms on the embedded default: noise_mse, sample_mse_vs_fp, FID and wall times.
+Reproduces: docs/benchmarks.md, "The algorithms compared".
 
     python benchmarks/algorithms.py --algorithms minmax uniform temporal --bits w4a8 w4a32 --json runs/bench/algorithms.json
     python benchmarks/algorithms.py --bits w4a32 w4a8 w8a8 --fid 1000 --reuse     # adds FID/sFID/P/R (gaq eval) and an FP row

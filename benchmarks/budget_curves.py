@@ -1,4 +1,5 @@
-"""Quality against calibration time over reconstruction budgets (issue 16): a table and a chart.
+"""Quality against calibration time over reconstruction budgets: a table and a chart.
+Reproduces: docs/benchmarks.md, "The calibration budget and reconstruction throughput".
 
     python benchmarks/budget_curves.py runs/u100 runs/u300 runs/ga100 ... --png docs/budget-curves.png
 

@@ -1,4 +1,5 @@
 """1 vs N processes of block reconstruction on this CPU (docs/benchmarks.md, "Distributed reconstruction").
+Reproduces: docs/benchmarks.md, "Distributed reconstruction (torchrun)".
 
     python benchmarks/distributed_speed.py                       # the embedded model, uniform W4A8, 1 and 2 processes
     python benchmarks/distributed_speed.py --iters 100 --rows 64

@@ -1,4 +1,5 @@
 """Numbers for the embedded MNIST DDPM's model card (docs/embedded-model.md) and its sample grid.
+Reproduces: docs/embedded-model.md, "Its own numbers".
 
     python benchmarks/embedded_model.py --mnist-test ../shared/data/mnist/t10k-images-idx3-ubyte.gz \
         --labels ../shared/data/mnist/t10k-labels-idx1-ubyte.gz --samples 1000 --json runs/embedded_model.json

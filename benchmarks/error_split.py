@@ -1,4 +1,5 @@
 """Where a quantized UNet's noise-prediction error comes from, step by step (docs/benchmarks.md, "the budget paradox").
+Reproduces: docs/benchmarks.md, "Where the error that reaches the samples comes from".
 
     python benchmarks/error_split.py runs/p29/u-300-150 runs/p29/u-900-450 --samples 64 --json runs/p29/split.json
 

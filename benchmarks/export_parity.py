@@ -1,4 +1,5 @@
 """Do onnxruntime samples of an exported UNet match the PyTorch fake-quant samples?
+Reproduces: docs/benchmarks.md, "ONNX export: parity, size and onnxruntime speed".
 
     python benchmarks/export_parity.py runs/bench/uniform-w4a8-s0 runs/bench/uniform-w8a8-s0 --json runs/export-parity.json
 

@@ -1,4 +1,5 @@
 """INT4 / INT8 export size against FP32 for a UNet of the CIFAR-10 DDPM's shape (35.7M parameters).
+Reproduces: docs/benchmarks.md, "ONNX export: parity, size and onnxruntime speed".
 
     python benchmarks/export_size.py --work runs/export-size
 

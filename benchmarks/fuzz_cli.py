@@ -1,4 +1,5 @@
 """The long fuzz corpus: mutated recipes, and every subcommand against broken inputs and unwritable outputs.
+Reproduces: docs/benchmarks.md, "Reliability fuzz".
 
     python benchmarks/fuzz_cli.py --recipes 500 --cli 60 --seed 0 --json runs/fuzz.json
 

@@ -1,4 +1,5 @@
 """The GPU kit: quantize on the GPU, export, and time every deployment path a GPU user has, in one offline run.
+Reproduces: docs/benchmarks.md, "Deployment: OpenVINO, Optimum's pipeline, the GPU kit".
 
     bash benchmarks/gpu_kit.sh --out runs/gpu-kit            # on a CUDA machine: about 10 minutes
     bash benchmarks/gpu_kit.sh --dry-run --out /tmp/kit      # the plumbing on this CPU: tiny sizes, CPU providers

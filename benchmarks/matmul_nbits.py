@@ -1,4 +1,5 @@
 """MatMulNBits: speed and accuracy of block-wise INT4 Linear weights (docs/benchmarks.md, "MatMulNBits").
+Reproduces: docs/benchmarks.md, "Diffusion transformers".
 
     python benchmarks/matmul_nbits.py                     # SD3- and Flux-shaped blocks, blocks of 32, 1 and 2 threads
     python benchmarks/matmul_nbits.py --small             # a seconds-long dry run of the same path
@@ -87,7 +88,7 @@ def run(case, block: int, threads: list[int], rounds: int, tmp: str) -> dict:
     import onnx
     from exporters.onnx_export import export_quantized, save_model_atomic, trace_to_onnx
     from exporters.ort_runtime import create_session, predict_noise
-    from gaq_backend.calibration.recorder import unbatched_rows  # noqa: F401  (held-out rows carry it)
+    from gaq_backend.calibration.calibration_set import unbatched_rows  # noqa: F401  (held-out rows carry it)
     from transformer_zoo import build
 
     out: dict = dict(model=case.cls, width=case.config["num_attention_heads"] * case.config["attention_head_dim"], block_size=block)

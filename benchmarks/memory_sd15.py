@@ -1,4 +1,5 @@
 """Peak memory and time of block reconstruction on an SD-1.5-shaped UNet (random weights, no download).
+Reproduces: docs/benchmarks.md, "Memory and time at Stable Diffusion size".
 
     python benchmarks/memory_sd15.py --rows 16 32 64 --json runs/bench/memory_sd15.json
 
@@ -52,7 +53,7 @@ def calibration(rows: int, latent: int, seed: int):
     """``rows`` CFG-paired rows over 4 recorded timesteps, as gaq's pipeline capture records them."""
     import torch
 
-    from gaq_backend.calibration.recorder import calibration_from_tensors
+    from gaq_backend.calibration.calibration_set import calibration_from_tensors
 
     g = torch.Generator().manual_seed(seed)
     timesteps = torch.arange(976, -1, -25)  # a 40-step sampler

@@ -1,4 +1,5 @@
 """Deployment on a CPU through OpenVINO: speed of gaq's INT8 graphs against FP32 and NNCF's INT8, and quality.
+Reproduces: docs/benchmarks.md, "Deployment: OpenVINO, Optimum's pipeline, the GPU kit".
 
     python benchmarks/openvino_cpu.py speed --rounds 3 --json runs/openvino/speed.json
     python benchmarks/openvino_cpu.py quality --samples 1000 --json runs/openvino/quality.json

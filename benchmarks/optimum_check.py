@@ -1,4 +1,5 @@
 """Steps of benchmarks/optimum_check.sh; each runs in the environment the script names.
+Reproduces: docs/benchmarks.md, "Deployment: OpenVINO, Optimum's pipeline, the GPU kit".
 
     build   (deploy env)    the tiny StableDiffusionPipeline the tests use, and the initial latents of the check
     ort     (deploy env)    Optimum's ORTDiffusionPipeline on an ONNX pipeline folder -> images .npy

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Does gaq's quantized UNet run in Hugging Face Optimum's ORTDiffusionPipeline? (issue 15)
+# Does gaq's quantized UNet run in Hugging Face Optimum's ORTDiffusionPipeline?
+# Reproduces: docs/benchmarks.md, "Deployment: OpenVINO, Optimum's pipeline, the GPU kit".
 #
 #   bash benchmarks/optimum_check.sh [WORK_DIR]        # default runs/optimum-check; gaq's venv active
 #

@@ -1,4 +1,5 @@
-"""How much can the export parity bound see? docs/benchmarks.md section 10, "the one refusal".
+"""How much can the export parity bound see?
+Reproduces: docs/benchmarks.md, "Generated UNets: W8A8 fidelity and export parity".
 
     python benchmarks/parity_power.py                      # the table of three cases
     python benchmarks/parity_power.py --seeds 0:80 > runs/power.jsonl   # the layer check over the zoo: false alarms and power
@@ -48,7 +49,8 @@ def zoo_seeds(seeds: range) -> int:
     import gaq_backend as gaq
     from exporters.onnx_export import build_quantized_onnx
     from exporters.parity_debug import LAYER_TOL, layer_check
-    from exporters.validate import _over, compare_with_torch, held_out_inputs
+    from exporters.parity_reference import held_out_inputs
+    from exporters.validate import _over, compare_with_torch
     from unet_zoo import CALIBRATION_SEEDS, build_unet, configs_for, generate, quant_config, sampling_loop
 
     torch.set_num_threads(1)
@@ -77,7 +79,8 @@ def main() -> int:
 
     import gaq_backend as gaq
     from exporters.onnx_export import build_quantized_onnx
-    from exporters.validate import _run_torch, compare_with_torch, held_out_inputs
+    from exporters.parity_reference import held_out_inputs, torch_outputs
+    from exporters.validate import compare_with_torch
     from unet_zoo import CALIBRATION_SEEDS, build_unet, generate, quant_config, sampling_loop
 
     ap = argparse.ArgumentParser()
@@ -108,7 +111,7 @@ def main() -> int:
         ok = compare_with_torch(model, q, x, t, cond)
         ref, step = ok["reference"][0], ok["output_step"]
         noisy = x * (1 + 1e-6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
-        noise = float(np.abs(_run_torch(q, noisy, t, cond, 64) - ref).mean() / step)
+        noise = float(np.abs(torch_outputs(q, noisy, t, cond, 64) - ref).mean() / step)
         bad, scope = plant_scale_defect(model, len(model.graph.node))
         wrong = compare_with_torch(bad, q, x, t, cond)
         print(f"| {seed} | {algorithm} W{w}A8 {form} | {ok['mean_steps']:.3f} | {ok['float64_vs_float32']['mean_steps']:.3f} | "

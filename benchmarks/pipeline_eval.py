@@ -1,4 +1,5 @@
 """gaq eval --prompts on full-width random pipelines (docs/benchmarks.md, "Text-to-image evaluation").
+Reproduces: docs/benchmarks.md, "Diffusion transformers".
 
     python benchmarks/pipeline_eval.py --model sd15     # SD-1.5-shaped UNet (860 M), tiny CLIP (768 wide) and VAE
     python benchmarks/pipeline_eval.py --model pixart   # PixArt-alpha-shaped transformer (28 x 1152), tiny T5 and VAE

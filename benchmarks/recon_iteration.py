@@ -1,4 +1,5 @@
-"""Steady-state time of one AdaRound iteration on one unit of the embedded model (issue 16).
+"""Steady-state time of one AdaRound iteration on one unit of the embedded model.
+Reproduces: docs/benchmarks.md, "The calibration budget and reconstruction throughput".
 
     python benchmarks/recon_iteration.py --unit up_blocks.2.resnets.0 --mode eager --batch-size 32
     python benchmarks/recon_iteration.py --unit up_blocks.2.resnets.0 --mode compile

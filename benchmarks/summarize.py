@@ -1,4 +1,5 @@
 """Mean and spread over seeds of benchmark output folders (``runs/bench/{label}-{bits}-s{seed}``).
+Reproduces: docs/benchmarks.md, "The algorithms compared".
 
     python benchmarks/summarize.py runs/bench/*-w4a8-s* runs/bench/*-w4a32-s* [--reference-n 10000] [--paired uniform]
 

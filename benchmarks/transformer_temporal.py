@@ -1,4 +1,5 @@
 """temporal's time path on diffusion transformers (docs/benchmarks.md, "temporal on transformers").
+Reproduces: docs/benchmarks.md, "Diffusion transformers".
 
     python benchmarks/transformer_temporal.py --seeds 0:8
 

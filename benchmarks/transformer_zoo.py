@@ -1,4 +1,5 @@
 """The generated transformer zoo at scale (docs/benchmarks.md, "Generated transformers").
+Reproduces: docs/benchmarks.md, "Diffusion transformers".
 
     python benchmarks/transformer_zoo.py --seeds 0:40 --jsonl runs/tzoo.jsonl    # appends; a rerun skips seeds done
     python benchmarks/transformer_zoo.py --summary runs/tzoo.jsonl

@@ -1,4 +1,5 @@
-"""The generated UNet zoo at scale: docs/benchmarks.md section 10 and docs/real-models.md.
+"""The generated UNet zoo at scale.
+Reproduces: docs/benchmarks.md, "Generated UNets: W8A8 fidelity and export parity".
 
     python benchmarks/unet_zoo.py --seeds 0:300 --jsonl runs/zoo.jsonl     # appends; a rerun skips seeds done
     python benchmarks/unet_zoo.py --summary runs/zoo.jsonl                 # the tables for the docs

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The gradient_aligned verdict (issue 17): uniform, temporal and gradient_aligned from their shipped recipes
+# The gradient_aligned verdict: uniform, temporal and gradient_aligned from their shipped recipes
 # at W4A8 and W4A32 over several algorithm seeds, FID of 2,000 samples against all 10,000 MNIST test digits,
 # then every algorithm against uniform seed by seed (paired t-test, Wilcoxon) with the group-gradient conflict.
+# Reproduces: docs/benchmarks.md, "The algorithms compared".
 #
 #   benchmarks/verdict.sh                                  # CPU, one job at a time (hours; resumable)
 #   benchmarks/verdict.sh --device cuda --jobs 8           # a GPU machine: 8 jobs side by side

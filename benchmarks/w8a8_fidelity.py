@@ -1,5 +1,6 @@
 """W8A8 ``minmax`` on named tiny UNets, one range per quantizer vs per-timestep where it varies:
-the table "W8A8 on UNets nobody tuned on" in docs/real-models.md.
+the table "W8A8 on UNets nobody tuned on" in docs/models.md.
+Reproduces: docs/models.md, "W8A8 on UNets nobody tuned on".
 
     python benchmarks/w8a8_fidelity.py [--json runs/w8a8-fidelity.json]
 

@@ -105,7 +105,7 @@ def build_variants(dirs: list[str], work_dir: str, want_fp16: bool, progress: bo
     from gaq_backend.recipe import USER_MODEL
     from gaq_backend.serialization import read_output_configs
 
-    from .validate import parity_inputs
+    from .parity_reference import parity_inputs
 
     prepare_cache_dir(work_dir, "--work-dir")
     variants: list[dict] = []

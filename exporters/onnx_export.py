@@ -278,7 +278,8 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
     from gaq_backend.sampling import model_dtype
     from gaq_backend.serialization import cast_model_weights
 
-    from .validate import held_out_inputs, parity_inputs, validate
+    from .parity_reference import held_out_inputs, parity_inputs
+    from .validate import validate
 
     check_onnx_out(out, overwrite)
     # Optimum's layout (unet/model.onnx) needs the diffusers config beside the file; other names get none

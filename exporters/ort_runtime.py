@@ -60,7 +60,7 @@ def onnx_input_name(recorded: str) -> str:
     return recorded.rsplit(".", 1)[-1]
 
 
-UNBATCHED = "unbatched."   # gaq_backend.calibration.recorder's prefix of inputs without a batch axis (no torch import here)
+UNBATCHED = "unbatched."   # gaq_backend.calibration.calibration_set's prefix of inputs without a batch axis (no torch import here)
 
 
 def split_cond(cond: dict[str, np.ndarray] | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

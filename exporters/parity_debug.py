@@ -22,7 +22,7 @@ from torch import nn
 
 from gaq_backend.sampling import forward_with_hooks
 
-from .validate import in_float64
+from .parity_reference import in_float64
 
 ROOT_SCOPE = "/unet"   # exporters.onnx_export wraps the UNet in UNetGraph, whose attribute is ``unet``
 
@@ -250,7 +250,7 @@ def diagnose_folder(folder: str, weights: str = "int8", opset: int = 21, factor:
     from gaq_backend.serialization import cast_model_weights
 
     from .onnx_export import build_quantized_onnx
-    from .validate import held_out_inputs
+    from .parity_reference import held_out_inputs
 
     unet, _, _ = load_quantized(folder)
     if model_dtype(unet) != torch.float32:

@@ -132,7 +132,8 @@ def graph_io(model: nn.Module, batch: int = 2) -> tuple[list[str], list[str], tu
     if is_unet(model):
         names = ["sample", "timestep", *(COND_INPUTS[n] for n in cond_inputs(model))]
         return names, [OUTPUT_NAME], example_inputs(model, batch), dynamic_axes(model)
-    from gaq_backend.calibration.recorder import UNBATCHED, input_name
+    from gaq_backend.calibration.calibration_set import UNBATCHED
+    from gaq_backend.calibration.recorder import input_name
 
     held = model.gaq_info.held_out.spread(batch)
     first = input_name(model)
@@ -158,7 +159,8 @@ class TransformerGraph(nn.Module):
         self.unet, self.half, self.names = model, half, transformer_inputs(model)   # ``unet``: the node scopes start /unet
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
-        from gaq_backend.calibration.recorder import UNBATCHED, input_name
+        from gaq_backend.calibration.calibration_set import UNBATCHED
+        from gaq_backend.calibration.recorder import input_name
 
         kwargs: dict = {}
         for name, v in zip(self.names, cond):

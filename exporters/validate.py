@@ -33,17 +33,16 @@ int8 kernels' deviation under ``int8_kernels`` for the caller to report.
 """
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
 from .ort_runtime import predict_noise
+from .parity_reference import in_float64, torch_outputs
 from .runtimes import open_session
 
-# Measured (docs/benchmarks.md section 5): the onnxruntime / float64 ratio of the mean is 0.9-1.1 on the
+# Measured (docs/benchmarks.md, "ONNX export: parity, size and onnxruntime speed"): the onnxruntime / float64 ratio of the mean is 0.9-1.1 on the
 # embedded UNet (W4A8, W8A8) and on a random 35.7M-parameter UNet (where float64 itself moves the output
 # by 1 step on average), up to 5 on the small random test UNets, whose float64 difference is tiny.
 MEAN_FIXED, MEAN_FACTOR = 0.25, 2.0   # mean |onnxruntime - torch| <= max(0.25, 2 x mean |torch64 - torch|) steps
@@ -52,48 +51,6 @@ MAX_FIXED, MAX_FACTOR = 16.0, 4.0     # max  |onnxruntime - torch| <= max(16, 4 
 
 class ParityError(ValueError):
     pass
-
-
-def held_out_inputs(unet: nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
-    """``n`` of the held-out recorded inputs saved with the quantized folder, ``(x, t, cond)`` (None for
-    folders without them)."""
-    held = getattr(getattr(unet, "gaq_info", None), "held_out", None)
-    if held is None or not len(held):
-        return None
-    held = held.spread(n)
-    return held.x, held.t, held.cond
-
-
-def parity_inputs(recipe, scheduler_config: dict, n: int, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """``n`` held-out calibration inputs ``(x_t, t)`` spread evenly over the validation split (all timestep
-    groups), captured again with the recipe (for folders written before held-out inputs were saved)."""
-    from gaq_backend.calibration import capture_calibration
-    from gaq_backend.models.loading import load_model
-
-    if n < 1:
-        raise ValueError(f"--check-samples must be at least 1; got {n}")
-    fp = load_model(recipe.model, recipe.model_options).unet
-    calib, _ = capture_calibration(fp, scheduler_config, recipe.sampler, recipe.calibration, progress)
-    val = calib.val.spread(n)
-    return val.x, val.t, {}
-
-
-def _run_torch(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: dict, batch_size: int) -> np.ndarray:
-    from gaq_backend.sampling import unet_forward
-
-    return torch.cat([unet_forward(unet, x[i: i + batch_size], t[i: i + batch_size], {k: v[i: i + batch_size] for k, v in cond.items()})
-                      for i in range(0, len(x), batch_size)]).double().numpy()
-
-
-def in_float64(unet: nn.Module) -> nn.Module:
-    """A float64 copy of ``unet`` whose layers cast their float inputs to float64: diffusers feeds some
-    layers a float32 tensor it never casts to the model's dtype (``UNet2DModel``'s ``class_embed_type=
-    "timestep"`` path), which a float32 model never notices."""
-    model = copy.deepcopy(unet).double()
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            m.register_forward_pre_hook(lambda _m, args: tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
-    return model
 
 
 @torch.no_grad()
@@ -106,8 +63,8 @@ def compare_with_torch(model: onnx.ModelProto | str, unet: nn.Module, x: torch.T
     cond = cond or {}
     if reference is None:
         cond64 = {k: v.double() if v.is_floating_point() else v for k, v in cond.items()}
-        reference = (_run_torch(unet, x, t, cond, batch_size),
-                     _run_torch(in_float64(unet), x.double(), t.double() if t.is_floating_point() else t, cond64, batch_size))
+        reference = (torch_outputs(unet, x, t, cond, batch_size),
+                     torch_outputs(in_float64(unet), x.double(), t.double() if t.is_floating_point() else t, cond64, batch_size))
     ref, ref64 = reference
     session = open_session(model, runtime, "cpu", precision="f32", config=config)  # OpenVINO's bf16 default is not a parity check
     try:

@@ -24,7 +24,8 @@ from .algorithms import get_algorithm
 from .algorithms.common import freeze_weights
 from .algorithms.result import CalibrationRecord
 from .calibration import CalibrationSet
-from .calibration.recorder import Recorder, calibration_from_tensors
+from .calibration.calibration_set import calibration_from_tensors
+from .calibration.recorder import Recorder
 from .config import ConfigError, QuantConfig
 from .wrapping import WrapReport, wrap_unet
 
@@ -98,8 +99,7 @@ def check_config(config: QuantConfig) -> None:
 
 
 def check_quantizable(model: nn.Module) -> None:
-    """Refuse, in one line, UNets whose quantization would silently be wrong (and drop the unused fused
-    projections that diffusers' ``unfuse_qkv_projections`` leaves behind)."""
+    """Refuse, in one line, UNets whose quantization would silently be wrong. Changes nothing."""
     from .wrapping import QuantLayerMixin
 
     if type(model).__name__ == "OptimizedModule":
@@ -109,13 +109,23 @@ def check_quantizable(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if type(getattr(m, "processor", None)).__name__.startswith("Fused"):
             raise ConfigError(f"fused QKV projections at {name}: call unet.unfuse_qkv_projections() before quantizing")
-        for stale in ("to_qkv", "to_kv"):  # diffusers' unfuse leaves the fused layers behind, unused: drop them
-            if hasattr(m, stale) and getattr(m, "processor", None) is not None:
-                delattr(m, stale)
-                m.fused_projections = False
         lora = getattr(m, "lora_A", None)
         if (isinstance(lora, nn.ModuleDict) and len(lora)) or getattr(m, "lora_layer", None) is not None:
             raise ConfigError(f"LoRA layer at {name}: fuse the LoRA weights first (pipe.fuse_lora(); pipe.unload_lora_weights())")
+
+
+def drop_stale_fused_projections(model: nn.Module) -> list[str]:
+    """Delete the fused QKV layers that diffusers' ``unfuse_qkv_projections`` leaves behind, unused, so that they are
+    neither wrapped (they would see no calibration data) nor saved; returns their names. The one change the front
+    doors make to the FP model before wrapping it, after :func:`check_quantizable` has passed."""
+    dropped = []
+    for name, m in model.named_modules():
+        for stale in ("to_qkv", "to_kv"):
+            if hasattr(m, stale) and getattr(m, "processor", None) is not None:
+                delattr(m, stale)
+                m.fused_projections = False
+                dropped.append(f"{name}.{stale}")
+    return dropped
 
 
 def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet | Iterable[dict] | None = None,
@@ -131,6 +141,7 @@ def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet 
     if (forward_loop is None) == (calibration is None):
         raise ConfigError("give exactly one of calibration= (CalibrationSet, nncf.Dataset or iterable of input dicts) and forward_loop=")
     check_quantizable(model)
+    drop_stale_fused_projections(model)
     if not isinstance(calibration, CalibrationSet):
         calibration = record(model, config, forward_loop, calibration)
     return quantize_recorded(model, config, calibration, progress)

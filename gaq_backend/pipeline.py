@@ -11,7 +11,8 @@ import torch
 from . import __version__
 from .api import quantize
 from .calibration import capture_calibration
-from .calibration.capture import CalibrationSet, class_conditioning
+from .calibration.calibration_set import CalibrationSet
+from .calibration.capture import class_conditioning
 from .config import ConfigError
 from .evaluation import noise_mse, save_grid, side_by_side, to_uint8
 from .evaluation.images import grid

@@ -25,7 +25,8 @@ def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
     ``cond`` holds the other forward inputs by recorded name: nested ones (``added_cond_kwargs``) as
     ``"added_cond_kwargs.text_embeds"``, inputs without a batch axis as ``"unbatched.img_ids"`` (rows of one
     value: the first is passed, as recorded)."""
-    from .calibration.recorder import UNBATCHED, input_name
+    from .calibration.calibration_set import UNBATCHED
+    from .calibration.recorder import input_name
 
     weight = first_weight(unet)
     device = weight.device  # calibration data lives on the host; the model may not

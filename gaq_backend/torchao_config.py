@@ -16,7 +16,7 @@ from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from .api import check_config, check_quantizable, finish_recording, new_recorder, quantize_recorded
+from .api import check_config, check_quantizable, drop_stale_fused_projections, finish_recording, new_recorder, quantize_recorded
 from .config import ConfigError, QuantConfig
 
 
@@ -48,6 +48,7 @@ def _gaq_transform(module: nn.Module, config: GAQConfig) -> nn.Module:
         check_quantizable(module)
         if getattr(module, "_gaq_recorder", None) is not None:
             raise ConfigError("GAQConfig(step='prepare') was already applied to this UNet; run step='convert' next")
+        drop_stale_fused_projections(module)
         recorder = new_recorder(module, config.config)
         recorder.__enter__()
         module.eval()  # recorded as the other front doors record: no dropout

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gaq_backend.calibration import capture_calibration
-from gaq_backend.calibration.capture import split_and_group
+from gaq_backend.calibration.calibration_set import split_and_group
 from gaq_backend.config import CalibrationConfig, SamplerConfig
 from gaq_backend.models import load_unet
 

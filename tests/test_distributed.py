@@ -162,7 +162,7 @@ def test_torchrun_quantize_writes_one_folder_from_rank_0(tmp_path, tiny_model_di
 
 def _check_same_worker(rank: int, world: int, init_file: str, out: str, model_dir: str) -> None:
     from gaq_backend import distributed
-    from gaq_backend.calibration.recorder import calibration_from_tensors
+    from gaq_backend.calibration.calibration_set import calibration_from_tensors
     from gaq_backend.models.loading import load_model
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

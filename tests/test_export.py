@@ -15,7 +15,7 @@ from gaq_backend import load_quantized
 from gaq_backend.cli import main
 from gaq_backend.wrapping import quant_layers
 
-from exporters import validate
+from exporters import parity_reference, validate
 from exporters.onnx_export import build_quantized_onnx, export_quantized
 from exporters.ort_runtime import create_session, metadata, predict_noise
 from exporters.ort_sampler import DDIMSchedule
@@ -252,7 +252,7 @@ def test_int8_kernels_that_deviate_are_told_apart_from_a_wrong_graph(w4a8_dir, m
             res = dict(res, mean_steps=res["bounds"]["mean_steps"] + 1.0)
         return res
     monkeypatch.setattr(validate, "compare_with_torch", fake)
-    x, t, cond = validate.held_out_inputs(model, 8)
+    x, t, cond = parity_reference.held_out_inputs(model, 8)
     onnx_model = build_quantized_onnx(model, "int8", 21, {})
     res = validate.validate(onnx_model, model, x, t, cond)
     assert res["checked_with"] == "session.disable_quant_qdq=1" and res["int8_kernels"]["over"]

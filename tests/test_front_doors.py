@@ -11,6 +11,7 @@ import gaq_backend as gaq
 from gaq_backend.algorithms.gradient_aligned import GradientAlignedConfig
 from gaq_backend.algorithms.temporal import TemporalConfig
 from gaq_backend.algorithms.uniform import UniformConfig
+from gaq_backend.api import check_quantizable
 from gaq_backend.calibration.recorder import Recorder, RecordingError
 from gaq_backend.config import CalibrationConfig, ConfigError
 
@@ -205,7 +206,11 @@ def test_guards_refuse_what_would_silently_break(monkeypatch):
     with pytest.raises(ConfigError, match="fused QKV"):
         gaq.quantize(fused, cfg, forward_loop=loop)
     fused.unfuse_qkv_projections()  # what the message says to do: then it quantizes
+    stale = lambda m: [n for n, c in m.named_modules() if hasattr(c, "to_qkv")]  # noqa: E731  (diffusers leaves them)
+    check_quantizable(fused)  # a check: it changes nothing
+    assert stale(fused)
     gaq.quantize(fused, cfg, forward_loop=loop, progress=False)
+    assert not stale(fused)  # dropped before wrapping: neither wrapped nor saved
     done = gaq.quantize(sd_unet(), cfg, forward_loop=loop, progress=False)
     with pytest.raises(ConfigError, match="already quantized"):
         gaq.quantize(done, cfg, forward_loop=loop)
@@ -219,22 +224,30 @@ def test_guards_refuse_what_would_silently_break(monkeypatch):
         gaq.quantize(sd_unet(), cfg, calibration=[torch.zeros(1)])
 
 
-def test_readme_quantize_your_own_pipeline_runs(tmp_path, monkeypatch):
-    """The README's copy-paste example, run as written (in a scratch working directory)."""
+def _python_block(path: str, heading: str) -> str:
     import os
     import re
 
-    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    section = readme[readme.index("### Quantize your own pipeline"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    text = open(os.path.join(os.path.dirname(__file__), "..", path)).read()
+    return re.search(r"```python\n(.*?)```", text[text.index(heading):], re.S).group(1)
+
+
+def test_readme_quantize_your_own_pipeline_runs(tmp_path, monkeypatch):
+    """The README's copy-paste example, run as written (in a scratch working directory)."""
     monkeypatch.chdir(tmp_path)
-    scope = {"__name__": "readme"}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(_python_block("README.md", "## Quantize your own pipeline"), "README.md", "exec"), {"__name__": "readme"})
+    loaded, _, recipe = gaq.load_quantized(str(tmp_path / "out" / "my-unet"))
+    assert type(loaded).__name__ == "UNet2DModel" and recipe.algorithm == "temporal"
+
+
+def test_python_api_page_examples_run(tmp_path, monkeypatch):
+    """docs/python-api.md's three front doors and its sensitivity example, run as written."""
+    monkeypatch.chdir(tmp_path)
+    scope = {"__name__": "python_api"}
+    exec(compile(_python_block("docs/python-api.md", "## Quantize your own pipeline"), "python-api.md", "exec"), scope)
     loaded, _, recipe = gaq.load_quantized(str(tmp_path / "out" / "my-unet"))
     assert type(loaded).__name__ == "UNet2DConditionModel" and recipe.algorithm == "uniform"
-    # the sensitivity example runs on the same names
-    sens = readme[readme.index("### Per-layer sensitivity and timestep ranges"):]
-    exec(compile(re.search(r"```python\n(.*?)```", sens, re.S).group(1), "README.md", "exec"), scope)
+    exec(compile(_python_block("docs/python-api.md", "## Per-layer sensitivity"), "python-api.md", "exec"), scope)  # same names
     assert scope["rep"].layers and scope["rep"].rows > 0
 
 

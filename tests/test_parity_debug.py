@@ -7,7 +7,8 @@ from onnx import numpy_helper
 import gaq_backend as gaq
 from exporters.onnx_export import build_quantized_onnx
 from exporters.parity_debug import LAYER_TOL, diagnose, layer_check, report, scope_of
-from exporters.validate import ParityError, _over, compare_with_torch, held_out_inputs, validate
+from exporters.parity_reference import held_out_inputs
+from exporters.validate import ParityError, _over, compare_with_torch, validate
 from gaq_backend.wrapping.wrap import quant_layers
 from unet_zoo import build_unet, generate, quant_config, sampling_loop
 

@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY_UNET
 from gaq_backend.calibration import capture_calibration
-from gaq_backend.calibration.capture import RecordingSampler
+from gaq_backend.calibration.calibration_set import RecordingSampler
 from gaq_backend.calibration.step_sensitivity import step_sensitivity
 from gaq_backend.config import CalibrationConfig, SamplerConfig
 from gaq_backend.sampling import make_scheduler

@@ -4,7 +4,7 @@ import torch
 
 import gaq_backend as gaq
 from gaq_backend.algorithms.blocks import reconstruction_units
-from gaq_backend.calibration.recorder import UNBATCHED
+from gaq_backend.calibration.calibration_set import UNBATCHED
 from transformer_zoo import CLASSES, build, generate, quant_config, run_case, sampling_loop
 
 SEEDS = [0, 1, 2, 3]   # one per class (generate cycles the classes over the seed)

@@ -28,7 +28,7 @@ class MinMaxConfig(AlgorithmConfig):
     # range over all timesteps is more than ``timestep_spread`` times the narrowest timestep's ("auto"; with
     # act_range percentile, auto is global). Auto is gaq's extension beyond naive PTQ: on 60 generated UNets it
     # never lost against global beyond run-to-run noise and took the worst W8A8 error from 5.7% to 0.5%
-    # (docs/real-models.md)
+    # (docs/models.md)
     timestep_ranges: Literal["global", "per_timestep", "auto"] = "auto"
     timestep_spread: float = field(default=8.0, metadata=at_least(1))
     batch_size: int = field(default=64, metadata=at_least(1))

@@ -15,8 +15,9 @@ import torch
 from .. import distributed
 from ..config import ConfigError
 from ..utils.cache import prepare_cache_dir, read_tensors, write_tensors
-from .capture import check_finite, model_fingerprint
-from .recorder import Recorder, calibration_from_tensors, gathered_tensors
+from .calibration_set import calibration_from_tensors, check_finite
+from .capture import model_fingerprint
+from .recorder import Recorder, gathered_tensors
 
 CACHE_FORMAT = 2   # 2: steps kept by call index (was: by timestep value)
 
@@ -130,7 +131,7 @@ def pipeline_example_row(pipe: Any, recipe):
     length), the rows each image records per step), from one image's first sampler step: what ``--dry-run`` sizes
     its memory plan with."""
     from ..models.loading import denoiser_of
-    from .capture import CalibrationSet
+    from .calibration_set import CalibrationSet
 
     class FirstCall(Exception):
         pass

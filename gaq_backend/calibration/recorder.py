@@ -21,9 +21,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .calibration_set import UNBATCHED
+
 NESTED = ("added_cond_kwargs",)
 IGNORED = ("return_dict",)
-UNBATCHED = "unbatched."   # key prefix of inputs kept once, not per row
 
 
 def input_name(model: nn.Module) -> str:
@@ -200,18 +201,3 @@ def gathered_tensors(recorder: Recorder) -> dict[str, torch.Tensor]:
     keys, index = torch.unique(raw["t"], sorted=True, return_inverse=True)
     raw["step"], raw["timesteps"] = len(keys) - 1 - index, keys.flip(0)   # step 0: the largest t
     return raw
-
-
-def calibration_from_tensors(raw: dict[str, torch.Tensor], val_fraction: float, n_groups: int, seed: int):
-    """A :class:`CalibrationSet` from :meth:`Recorder.tensors` output (or its cached copy)."""
-    from .capture import CalibrationSet, split_and_group
-
-    is_val, group = split_and_group(raw["step"], raw["t"], val_fraction, n_groups, seed)
-    cond = {k: v for k, v in raw.items() if k not in ("x", "t", "eps", "step", "timesteps")}
-    cond = {k: unbatched_rows(v, len(raw["x"])) if k.startswith(UNBATCHED) else v for k, v in cond.items()}
-    return CalibrationSet(raw["x"], raw["t"], raw["eps"], raw["step"], is_val, group, cond, timesteps=raw["timesteps"])
-
-
-def unbatched_rows(v: torch.Tensor, n: int) -> torch.Tensor:
-    """An input kept once (``unbatched.<name>``, one row) as ``n`` rows without copying it."""
-    return v[:1].expand(n, *v.shape[1:])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..sampling import ddim_sample, make_scheduler
-from .capture import CalibrationSet
+from .calibration_set import CalibrationSet
 
 SIGMA = 0.01   # small against the unit-variance noise it perturbs, so the response is first order
 

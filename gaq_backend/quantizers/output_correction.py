@@ -7,7 +7,7 @@ the FP model's recorded output on the calibration rows:
 - ``bias``: a = 1, b = 0, c = the mean error: PTQD's bias correction, one constant per step and channel;
 - ``affine``: all three. At the noisiest steps the quantized model's implied clean-image estimate is noisy
   against its signal, and the fit shrinks it toward the input (a ~ 0.4, b ~ 0.6 at t = 980 on the embedded
-  model): the error that matters most for the final sample (docs/benchmarks.md section 13) is removed there.
+  model): the error that matters most for the final sample (docs/benchmarks.md, "Quality at W4A8") is removed there.
 
 A timestep between table entries uses the nearest one (as ``temporal``'s ranges do). The table is a submodule
 (saved with the weights) applied by a forward hook, so ``gaq export`` traces it into the graph: a Gather by

@@ -1,6 +1,6 @@
 """Where a block-reconstruction iteration spends its time (issue 16's first step), on the embedded model.
 
-    python benchmarks/recon_profile.py --iters 40 --threads 2 --profile down_blocks.1.resnets.0
+    python experiments/recon_profile.py --iters 40 --threads 2 --profile down_blocks.1.resnets.0
 
 Runs `uniform` W4A8 from the shipped recipe's calibration set (captured once, then cached) with --iters
 AdaRound and as many step-size iterations per unit, and prints per unit the time per iteration of each

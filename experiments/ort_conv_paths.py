@@ -1,6 +1,6 @@
 """Which ways of running an INT8 x INT4 convolution are fast on onnxruntime's CPU provider?
 
-    python benchmarks/ort_conv_paths.py [--channels 64] [--size 32] [--batch 8] [--threads 1 2]
+    python experiments/ort_conv_paths.py [--channels 64] [--size 32] [--batch 8] [--threads 1 2]
 
 Six 3x3 convolutions (C -> C channels, SiLU between them, as in a UNet ResNet block) written five ways:
 

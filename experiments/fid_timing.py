@@ -1,6 +1,6 @@
 """Time 2,000 samples of the embedded FP model plus their Inception features and FID (issue 4's target).
 
-    python benchmarks/fid_timing.py      # 2 threads, nothing else running; reference features cached first
+    python experiments/fid_timing.py      # 2 threads, nothing else running; reference features cached first
 
 The reference (first 2,000 MNIST test digits) is built or read from the cache before the clock starts.
 """

@@ -1,7 +1,7 @@
 """How far can per-sample weights move the timestep groups' gradient conflict? (issue 17, the mechanism)
 
-    python benchmarks/conflict_ceiling.py --json runs/conflict/w4a8.json
-    python benchmarks/conflict_ceiling.py --set quantization.w_bits=3 calibration.n_groups=10 --json runs/conflict/w3a8-g10.json
+    python experiments/conflict_ceiling.py --json runs/conflict/w4a8.json
+    python experiments/conflict_ceiling.py --set quantization.w_bits=3 calibration.n_groups=10 --json runs/conflict/w3a8-g10.json
 
 Runs `gradient_aligned` from its shipped recipe (with --set overrides) and, for every unit, right after its
 weights are learned: the per-sample gradients of the unit's reconstruction loss in AdaRound's V (at V's

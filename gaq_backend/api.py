@@ -129,28 +129,41 @@ def drop_stale_fused_projections(model: nn.Module) -> list[str]:
 
 
 def quantize(model: nn.Module, config: QuantConfig, calibration: CalibrationSet | Iterable[dict] | None = None,
-             progress: bool = True, *, forward_loop: Callable[[nn.Module], Any] | None = None) -> nn.Module:
+             progress: bool = True, *, forward_loop: Callable[[nn.Module], Any] | None = None,
+             sampling_loop: Callable[[nn.Module], Any] | None = None) -> nn.Module:
     """Quantize a diffusers UNet in place with ``config.algorithm``; returns the model.
 
     Calibration data comes from ``forward_loop(model)`` (the user's own sampling code), from
     ``calibration`` as a :class:`CalibrationSet`, an ``nncf.Dataset`` or an iterable of forward-keyword
     dicts. The result is a fake-quant model whose integer weights are fixed (``layer.weight_int``) and
     whose activation ranges are calibrated; ``model.gaq_info`` records what was wrapped and kept.
+    ``sampling_loop``: what ``config.output_correction_fit = "trajectory"`` re-runs with the quantized model
+    (default: ``forward_loop``; needed when the data comes as ``calibration``).
     """
     check_config(config)
     if (forward_loop is None) == (calibration is None):
         raise ConfigError("give exactly one of calibration= (CalibrationSet, nncf.Dataset or iterable of input dicts) and forward_loop=")
     check_quantizable(model)
     drop_stale_fused_projections(model)
+    sampling_loop = sampling_loop or forward_loop
+    check_sampling_loop(config, sampling_loop)
     if not isinstance(calibration, CalibrationSet):
         calibration = record(model, config, forward_loop, calibration)
-    return quantize_recorded(model, config, calibration, progress)
+    return quantize_recorded(model, config, calibration, progress, sampling_loop)
 
 
-def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: CalibrationSet, progress: bool = True) -> nn.Module:
+def check_sampling_loop(config: QuantConfig, sampling_loop) -> None:
+    if config.output_correction_fit == "trajectory" and sampling_loop is None:
+        raise ConfigError("output_correction_fit='trajectory' re-runs a sampling loop with the quantized model: "
+                          "give forward_loop= or sampling_loop=")
+
+
+def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: CalibrationSet, progress: bool = True,
+                      sampling_loop: Callable[[nn.Module], Any] | None = None) -> nn.Module:
     from . import distributed
 
     spec = get_algorithm(config.algorithm.name)
+    check_sampling_loop(config, sampling_loop)
     calibration.check_finite()
     if len(calibration.train) == 0:
         raise ValueError("calibration set has no training samples")
@@ -162,10 +175,11 @@ def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: Calibr
         calibration = calibration.stored_as(getattr(torch, config.calibration.storage_dtype))
     model.eval()
     config = with_role_keep_fp(model, config, calibration)
-    fp_model = copy.deepcopy(model).requires_grad_(False) if spec.needs_fp_model else None
+    on_trajectory = config.output_correction_fit == "trajectory"
+    fp_model = copy.deepcopy(model).requires_grad_(False) if spec.needs_fp_model or on_trajectory else None
     report = wrap_for_config(model, config)
     model.requires_grad_(False)
-    stats = spec.run(model, config, calibration, fp_model=fp_model, progress=progress)
+    stats = spec.run(model, config, calibration, fp_model=fp_model if spec.needs_fp_model else None, progress=progress)
     if not isinstance(stats, CalibrationRecord):  # a third-party algorithm's own figures
         stats = CalibrationRecord(extra=dict(stats or {}))
     freeze_weights(model)
@@ -173,5 +187,9 @@ def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: Calibr
         from .quantizers.output_correction import fit_output_correction
 
         stats.output_correction = fit_output_correction(model, calibration, config.output_correction)
+        if on_trajectory:
+            from .quantizers.output_correction import refit_on_trajectory
+
+            stats.output_correction["trajectory"] = refit_on_trajectory(model, fp_model, sampling_loop, config.output_correction)
     model.gaq_info = QuantizationInfo(config, report, stats, held_out)
     return model

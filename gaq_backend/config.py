@@ -187,6 +187,10 @@ class QuantConfig(GaqBaseConfig):
     # least squares against the FP output on the calibration rows (quantizers/output_correction.py; exported into
     # the graph): "bias" fits c only (PTQD's bias correction), "affine" all three. Our extension (issue 29)
     output_correction: Literal["none", "bias", "affine"] = "none"
+    # where that fit's inputs come from: "calibration" (the FP trajectory's recorded rows) or "trajectory" (then
+    # refit on the inputs the corrected quantized model visits when the calibration's sampling loop is re-run with
+    # it, against the FP model at those inputs; needs a second FP copy of the model). Our extension (issue 29)
+    output_correction_fit: Literal["calibration", "trajectory"] = "calibration"
     algorithm: AlgorithmConfig | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)  # recording budget, split and groups
 
@@ -196,6 +200,9 @@ class QuantConfig(GaqBaseConfig):
         if self.w_block_size and (self.w_block_size < 16 or self.w_block_size & (self.w_block_size - 1)):
             raise ConfigError(f"{where}.w_block_size must be 0 (per channel) or a power of two >= 16 (onnxruntime's "
                               f"MatMulNBits block sizes); got {self.w_block_size}")
+        if self.output_correction_fit == "trajectory" and self.output_correction == "none":
+            raise ConfigError(f"{where}.output_correction_fit: trajectory refits the output correction: set "
+                              f"{where}.output_correction to bias or affine")
         for i, pattern in enumerate(self.keep_fp):
             if not isinstance(pattern, str) or not pattern.strip():
                 raise ConfigError(f"{where}.keep_fp[{i}] must be a layer name or glob; got {pattern!r}")

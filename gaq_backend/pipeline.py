@@ -12,12 +12,12 @@ from . import __version__
 from .api import quantize
 from .calibration import capture_calibration
 from .calibration.calibration_set import CalibrationSet
-from .calibration.capture import class_conditioning
+from .calibration.capture import class_conditioning, unet_sampling_loop
 from .config import ConfigError
 from .evaluation import noise_mse, save_grid, side_by_side, to_uint8
 from .evaluation.images import grid
 from .evaluation.sensitivity import float_weights, layer_sensitivity
-from .calibration.pipeline_capture import capture_from_pipeline, pipeline_example_row, pipeline_images
+from .calibration.pipeline_capture import capture_from_pipeline, pipeline_example_row, pipeline_images, pipeline_sampling_loop
 from .models.loading import LoadedModel, load_model, make_scheduler_for, resolve_model_path
 from .recipe import Recipe
 from .sampling import ddim_sample, initial_noise, model_dtype
@@ -209,7 +209,12 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
     t = time.perf_counter()
     qcfg = recipe.quant_config()
     fp_weights = float_weights(unet) if rep.sensitivity else None  # quantize rounds the weights in place
-    quantize(unet, qcfg, calib, progress=progress)
+    if qcfg.output_correction_fit == "trajectory":
+        loop = (unet_sampling_loop(unet, sched_cfg, recipe.sampler, recipe.calibration, "trajectory fit" if progress else False)
+                if pipe is None else pipeline_sampling_loop(pipe, recipe))
+    else:
+        loop = None
+    quantize(unet, qcfg, calib, progress=progress, sampling_loop=loop)
     timings["calibration"] = time.perf_counter() - t
     log(unet.gaq_info.wrap.summary())
     sensitivity = None

@@ -16,7 +16,8 @@ from torch import nn
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from .api import check_config, check_quantizable, drop_stale_fused_projections, finish_recording, new_recorder, quantize_recorded
+from .api import (check_config, check_quantizable, check_sampling_loop, drop_stale_fused_projections, finish_recording,
+                  new_recorder, quantize_recorded)
 from .config import ConfigError, QuantConfig
 
 
@@ -45,6 +46,7 @@ def _gaq_transform(module: nn.Module, config: GAQConfig) -> nn.Module:
                           "(use filter_fn=gaq_backend.unet_root or lambda m, fqn: fqn == '')")
     if config.step == "prepare":
         check_config(config.config)
+        check_sampling_loop(config.config, None)   # the loop between prepare and convert is the user's, not gaq's
         check_quantizable(module)
         if getattr(module, "_gaq_recorder", None) is not None:
             raise ConfigError("GAQConfig(step='prepare') was already applied to this UNet; run step='convert' next")

@@ -150,3 +150,83 @@ def test_output_correction_is_the_least_squares_fit_per_timestep_reloads_and_exp
     got = predict_noise(sess, x.numpy(), t.numpy())
     assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
     assert want[1].mean() > want[0].mean() + 5   # the last entry's c is 10 x (n - 1) above the first's
+
+
+@pytest.mark.parametrize("kind", ["bias", "affine"])
+def test_trajectory_fit_is_the_least_squares_fit_on_the_quantized_models_own_inputs(kind, tmp_path):
+    """``output_correction_fit: trajectory``: same weights as the calibration fit (the same seed), and the table is
+    the least-squares fit on the inputs the calibration-fitted model visits in the sampling loop, against the FP model
+    at those inputs: the refit's error there is orthogonal to the fit's columns at every table entry."""
+    import copy
+
+    import gaq_backend as gaq
+    from gaq_backend.calibration.capture import unet_sampling_loop
+    from gaq_backend.quantizers.output_correction import MODULE_NAME
+    from gaq_backend.quantizers.timestep import call_sample_and_timestep
+
+    cfg = CalibrationConfig(n_per_step=8, interval=2, n_groups=5, val_fraction=0.25, cache_dir=str(tmp_path / "cache"))
+    fp = _tiny()
+    loop = unet_sampling_loop(fp, SCHED, SamplerConfig(num_inference_steps=10), cfg, progress=False)
+    models = {}
+    for fit in ("calibration", "trajectory"):
+        qcfg = gaq.preset("W4A8", algorithm=gaq.MinMaxConfig(), output_correction=kind, output_correction_fit=fit)
+        models[fit] = gaq.quantize(copy.deepcopy(fp), qcfg, _calib(fp, tmp_path), progress=False, sampling_loop=loop)
+    a, b = models["calibration"], models["trajectory"]
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()) if p.shape != getattr(a, MODULE_NAME).coef.shape)
+    refit = getattr(b, MODULE_NAME)
+    rep = b.gaq_info.stats.output_correction["trajectory"]
+    assert rep["mse_after"] < rep["mse_before"] and rep["values"] > 0
+    assert not torch.equal(refit.coef, getattr(a, MODULE_NAME).coef)
+    rows = []   # (entry, raw output, input, FP output) of every call of the calibration-fitted model's own loop
+
+    def record(module, args, kwargs, out):
+        x, t = call_sample_and_timestep(module, args, kwargs)
+        rows.append((refit.entry(t).expand(x.shape[0]), out.sample.double(), x.double(), fp(*args, **kwargs).sample.double()))
+
+    handle = a.register_forward_hook(record, with_kwargs=True, prepend=True)
+    loop(a)
+    handle.remove()
+    entry, raw, x, target = (torch.cat(v) for v in zip(*rows))
+    assert len(entry.unique()) == len(refit.t)
+    coef = refit.coef.double()[entry]                                                    # [N, C=1, 3]
+    err = coef[..., 0, None, None] * raw + coef[..., 1, None, None] * x + coef[..., 2, None, None] - target
+    for i in entry.unique():
+        m = entry == i
+        scale = float(err[m].abs().max()) * err[m].numel()
+        assert abs(float(err[m].sum())) < 1e-6 * scale                                   # mean error 0 at each entry
+        if kind == "affine":
+            assert abs(float((err[m] * raw[m]).sum())) < 1e-6 * scale * float(raw[m].abs().max())
+            assert abs(float((err[m] * x[m]).sum())) < 1e-6 * scale * float(x[m].abs().max())
+
+
+def test_trajectory_fit_needs_a_correction_and_a_loop(tmp_path):
+    import gaq_backend as gaq
+    from gaq_backend.config import ConfigError
+
+    with pytest.raises(ConfigError, match="set quantization.output_correction to bias or affine"):
+        gaq.preset("W4A8", algorithm=gaq.MinMaxConfig(), output_correction_fit="trajectory").check()
+    qcfg = gaq.preset("W4A8", algorithm=gaq.MinMaxConfig(), output_correction="bias", output_correction_fit="trajectory")
+    with pytest.raises(ConfigError, match="give forward_loop= or sampling_loop="):
+        gaq.quantize(_tiny(), qcfg, _calib(_tiny(), tmp_path), progress=False)
+    from torchao.quantization import quantize_
+
+    with pytest.raises(ConfigError, match="give forward_loop= or sampling_loop="):   # at prepare, before any pass
+        quantize_(_tiny(), gaq.GAQConfig(qcfg, step="prepare"), filter_fn=lambda m, fqn: fqn == "")
+
+
+def test_a_trajectory_fitted_recipe_reports_the_refit_and_reloads_it(tmp_path):
+    """``gaq quantize`` re-runs its own capture loop for the refit; the folder reloads with the refitted table."""
+    import json
+
+    from test_export import _quantize_tiny
+
+    from gaq_backend import load_quantized
+    from gaq_backend.quantizers.output_correction import MODULE_NAME
+
+    d = _quantize_tiny(str(tmp_path), "traj", TINY_UNET,
+                       quantization=dict(w_bits=4, a_bits=8, output_correction="affine", output_correction_fit="trajectory"))
+    rep = json.loads(open(f"{d}/report.json").read())["algorithm_stats"]["output_correction"]["trajectory"]
+    assert rep["values"] > 0 and rep["mse_after"] < rep["mse_before"]
+    model, _, _ = load_quantized(d)
+    coef = getattr(model, MODULE_NAME).coef
+    assert [float(coef[..., 0].min()), float(coef[..., 0].max())] == pytest.approx(rep["a"], rel=1e-6)

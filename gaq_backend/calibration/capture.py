@@ -48,6 +48,20 @@ def _cache_key(fingerprint: str, scheduler_config: dict, sampler: SamplerConfig,
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def unet_sampling_loop(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerConfig, cfg: CalibrationConfig,
+                       progress: bool | str = True):
+    """The capture's sampling run as a forward loop: ``n_per_step`` seeded images of this (unconditional or
+    class-conditional) ``UNet2DModel``, the whole DDIM pass (under torchrun each rank samples its share). Capture
+    records it with the FP model; ``output_correction_fit: trajectory`` re-runs it with the quantized one."""
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    cond = class_conditioning(unet, cfg.class_labels, cfg.n_per_step)
+
+    def loop(model: torch.nn.Module) -> None:
+        ddim_sample(model, scheduler_config, sampler, initial_noise(cfg.n_per_step, shape, cfg.seed), cfg.batch_size,
+                    progress=progress, seed=cfg.seed, cond=cond, shard=True)
+    return loop
+
+
 def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: SamplerConfig, cfg: CalibrationConfig,
                         progress: bool = True) -> tuple[CalibrationSet, bool]:
     """Record ``(x_t, t, eps_fp)`` at every ``interval``-th step of one FP DDIM pass from ``n_per_step`` seeds.
@@ -58,7 +72,6 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
     if hasattr(unet.config, "cross_attention_dim"):
         raise ValueError("gaq's own capture samples unconditional and class-conditional UNet2DModels; give the pipeline "
                          "folder of a text-conditioned UNet, or use a Python front door with your own loop")
-    cond = class_conditioning(unet, cfg.class_labels, cfg.n_per_step)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     key = _cache_key(model_fingerprint(unet), scheduler_config, sampler, cfg, shape)
     path = os.path.join(prepare_cache_dir(cfg.cache_dir, "calibration.cache_dir"), f"calib-{key}.safetensors")
@@ -71,8 +84,7 @@ def capture_calibration(unet: torch.nn.Module, scheduler_config: dict, sampler: 
         was_training = unet.training
         unet.eval()
         with recorder:
-            ddim_sample(unet, scheduler_config, sampler, initial_noise(cfg.n_per_step, shape, cfg.seed), cfg.batch_size,
-                        progress="capture" if progress else False, seed=cfg.seed, cond=cond, shard=True)
+            unet_sampling_loop(unet, scheduler_config, sampler, cfg, "capture" if progress else False)(unet)
         unet.train(was_training)
         raw = gathered_tensors(recorder)
         raw["timesteps"] = sched.timesteps.clone()  # every timestep the sampler visits, for per-timestep ranges

@@ -125,6 +125,16 @@ def capture_from_pipeline(pipe: Any, recipe, progress: bool = True):
     return calibration_from_tensors(raw, cal.val_fraction, cal.n_groups, cal.seed), cached
 
 
+def pipeline_sampling_loop(pipe: Any, recipe):
+    """The capture's pipeline calls as a forward loop (``output_correction_fit: trajectory`` re-runs them with the
+    quantized denoiser in place; the loop's argument is that denoiser, already in ``pipe``)."""
+    def loop(_denoiser: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for kw in call_kwargs(pipe, recipe, recipe.calibration.n_per_step, recipe.calibration.seed):
+                pipe(**kw, output_type="latent")
+    return loop
+
+
 @torch.no_grad()
 def pipeline_example_row(pipe: Any, recipe):
     """(one calibration row exactly as capture records it (any denoiser's inputs, the recipe's size and prompt

@@ -249,6 +249,13 @@ def test_python_api_page_examples_run(tmp_path, monkeypatch):
     assert type(loaded).__name__ == "UNet2DConditionModel" and recipe.algorithm == "uniform"
     exec(compile(_python_block("docs/python-api.md", "## Per-layer sensitivity"), "python-api.md", "exec"), scope)  # same names
     assert scope["rep"].layers and scope["rep"].rows > 0
+    from gaq_backend.algorithms import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))   # the example's registration ends here
+    exec(compile(_python_block("docs/python-api.md", "## Registering an algorithm"), "python-api.md", "exec"), {"__name__": "registering"})
+    qunet = gaq.quantize(scope["load_unet"](), gaq.preset("W8A8", algorithm=registry._REGISTRY["my_calibrator"].config_cls(iters=7)),
+                         forward_loop=scope["my_loop"], progress=False)
+    assert qunet.gaq_info.stats.extra == {"iters": 7}
 
 
 @pytest.mark.parametrize("kind,inputs", [

@@ -130,14 +130,17 @@ def test_output_correction_is_the_least_squares_fit_per_timestep_reloads_and_exp
         uncorrected = {t: unet_forward(model, r.x, r.t) for t, r in
                        ((t, train.subset(train.t.double() == t)) for t in rep["timesteps"])}
         table.coef.copy_(fitted)
+        sse = count = 0
         for t in rep["timesteps"]:
             rows = train.subset(train.t.double() == t)
             err = (unet_forward(model, rows.x, rows.t) - rows.eps.float()).double()
+            sse, count = sse + float(err.pow(2).sum()), count + err.numel()
             scale = float(err.abs().max()) * err.numel()
             assert abs(float(err.sum())) < 1e-4 * scale                                   # mean error 0
             if kind == "affine":
                 assert abs(float((err * uncorrected[t]).sum())) < 1e-4 * scale * float(uncorrected[t].abs().max())
                 assert abs(float((err * rows.x).sum())) < 1e-4 * scale * float(rows.x.abs().max())
+        assert rep["train_mse_after"] == pytest.approx(sse / count, rel=1e-3)   # the report's figure is this error
     # the exported graph applies it too: the same outputs as PyTorch, and a timestep's own entry is used
     res = export_quantized(d, str(tmp_path / f"{kind}.onnx"), "int8", progress=False)
     assert res.parity["mean_steps"] <= res.parity["bounds"]["mean_steps"]

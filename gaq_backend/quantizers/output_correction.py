@@ -54,6 +54,11 @@ class OutputCorrection(nn.Module):
         return y + b * x.to(out) if x.shape == out.shape else y
 
 
+def _prediction(out):
+    """A denoiser's prediction from what its forward returned (an output object, or a tuple with return_dict=False)."""
+    return out[0] if isinstance(out, tuple) else out.sample
+
+
 def _apply_hook(module: nn.Module, args, kwargs, out):
     x, t = call_sample_and_timestep(module, args, kwargs)
     correct = getattr(module, MODULE_NAME)
@@ -123,10 +128,7 @@ class NormalEquations:
 
     def solve(self, kind: str, previous: torch.Tensor | None = None) -> torch.Tensor:
         """[T, C, 3]; an entry that saw no rows keeps ``previous``'s coefficients (the identity if none)."""
-        coef = torch.zeros(self.n, self.gram.shape[1], 3, dtype=torch.float64)
-        coef[..., 0] = 1.0
-        if previous is not None:
-            coef.copy_(previous)
+        coef = identity_table(self.n, self.gram.shape[1]) if previous is None else previous.double().clone()
         for i in range(self.n):
             if self.gram[i, :, 2, 2].min() > 0:          # the count of the entry's values
                 coef[i] = _solve(self.gram[i], self.rhs[i], kind, self.use_x)
@@ -187,9 +189,7 @@ def refit_on_trajectory(model: nn.Module, fp_model: nn.Module, forward_loop, kin
 
     def record(module, args, kwargs, out):   # runs before the correction hook: ``out`` is the raw output
         x, t = call_sample_and_timestep(module, args, kwargs)
-        raw = out[0] if isinstance(out, tuple) else out.sample
-        fp = fp_model(*args, **kwargs)
-        fp = fp[0] if isinstance(fp, tuple) else fp.sample
+        raw, fp = _prediction(out), _prediction(fp_model(*args, **kwargs))
         entry = table.entry(t).expand(raw.shape[0])
         eqs.add(entry, raw, x, fp)
 

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from gaq_backend.utils.io import check_output_file, clean_stale_tmp, tmp_prefix, umask_mode, write_faults_as_errors, write_json
+from gaq_backend.wrapping import quant_layers
 
 from .qdq_forms import export_forms, float_block_linear_inputs
 from .signature import COND_INPUTS, decomposed_rms_norm, graph_io, graph_module, is_unet
@@ -151,13 +152,19 @@ def _int4_tensor(name: str, arr: np.ndarray, signed: bool) -> onnx.TensorProto:
     return t
 
 
-def _narrow_to_int4(model: onnx.ModelProto) -> int:
+def _narrow_to_int4(model: onnx.ModelProto, wide_layers: set[str] = frozenset()) -> int:
     """Rewrite the int8/uint8 weight initializers of DequantizeLinear nodes (and their zero-points) as
-    INT4/UINT4. Returns how many were rewritten; refuses values outside the 4-bit range."""
+    INT4/UINT4, except those of ``wide_layers`` (a mixed-precision model's layers with more than 4-bit weights,
+    which stay INT8). Returns how many were rewritten; refuses values outside the 4-bit range."""
     inits = {t.name: t for t in model.graph.initializer}
-    done = 0
+    done, found = 0, set()
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        layer = node.input[0].rpartition(".qdq_weight")[0]   # the initializer is named <prefix>.<layer>.qdq_weight<i>
+        wide = next((w for w in wide_layers if layer == w or layer.endswith("." + w)), None)
+        if wide is not None:
+            found.add(wide)
             continue
         names = [node.input[0]] + ([node.input[2]] if len(node.input) > 2 and node.input[2] in inits else [])
         for name in names:
@@ -172,6 +179,9 @@ def _narrow_to_int4(model: onnx.ModelProto) -> int:
                                  f"[{lo}, {hi}]; export it with --weights int8")
             t.CopyFrom(_int4_tensor(name, arr, signed))
         done += 1
+    if found != set(wide_layers):   # a renamed initializer would otherwise be narrowed and refused as out of range
+        raise ValueError(f"the graph has no weight initializer for {sorted(set(wide_layers) - found)[0]}, a layer with "
+                         "8-bit weights; cannot tell which weights to keep at 8 bits")
     return done
 
 
@@ -259,10 +269,11 @@ def build_quantized_onnx(unet: nn.Module, weights: str, opset: int, metadata: di
         raise ValueError(f"opset {opset} is too old: per-channel DequantizeLinear needs opset {MIN_OPSET} or newer")
     if weights == "int4" and opset < INT4_MIN_OPSET:
         raise ValueError(f"--weights int4 needs opset {INT4_MIN_OPSET} or newer (INT4 tensors); got opset {opset}")
+    wide = {n for n, layer in quant_layers(unet) if layer.weight_quantizers[0].enabled and layer.weight_quantizers[0].bits > 4}
     with export_forms(unet):
         model = trace_to_onnx(unet, opset)
     if weights == "int4":
-        _narrow_to_int4(model)
+        _narrow_to_int4(model, wide)
     _set_metadata(model, {**metadata, "gaq.weights": weights, "gaq.opset": str(opset)})
     return model
 
@@ -299,6 +310,8 @@ def export_quantized(folder: str, out: str, weights: str = "int8", opset: int = 
             "gaq.sampler": recipe.sampler.to_dict(),
             "gaq.sample_shape": sample_shape(unet),
             "gaq.source_dtype": str(source_dtype).replace("torch.", "")}
+    if qcfg.w_bits_by_layer:
+        meta["gaq.w_bits_by_layer"] = qcfg.w_bits_by_layer
     if weights == "int4" and qcfg.w_bits > 4:
         raise ValueError(f"--weights int4 cannot hold W{qcfg.w_bits} weights; use --weights int8")
     if matmul_nbits:

@@ -28,6 +28,7 @@ from .calibration.calibration_set import calibration_from_tensors
 from .calibration.recorder import Recorder
 from .config import ConfigError, QuantConfig
 from .wrapping import WrapReport, wrap_unet
+from .wrapping.mixed_precision import with_mixed_precision
 
 
 @dataclass
@@ -41,7 +42,7 @@ class QuantizationInfo:
 
 def wrap_for_config(model: nn.Module, config: QuantConfig) -> WrapReport:
     return wrap_unet(model, config.w_bits, config.a_bits, config.keep_fp, config.weight_symmetric, config.act_symmetric,
-                     config.quantize_attention_matmuls, config.split_skip, config.w_block_size)
+                     config.quantize_attention_matmuls, config.split_skip, config.w_block_size, config.w_bits_by_layer)
 
 
 def with_role_keep_fp(model: nn.Module, config: QuantConfig, calibration: CalibrationSet) -> QuantConfig:
@@ -175,6 +176,7 @@ def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: Calibr
         calibration = calibration.stored_as(getattr(torch, config.calibration.storage_dtype))
     model.eval()
     config = with_role_keep_fp(model, config, calibration)
+    config, mixed = with_mixed_precision(model, config, calibration)
     on_trajectory = config.output_correction_fit == "trajectory"
     fp_model = copy.deepcopy(model).requires_grad_(False) if spec.needs_fp_model or on_trajectory else None
     report = wrap_for_config(model, config)
@@ -183,6 +185,8 @@ def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: Calibr
     if not isinstance(stats, CalibrationRecord):  # a third-party algorithm's own figures
         stats = CalibrationRecord(extra=dict(stats or {}))
     freeze_weights(model)
+    if mixed is not None:
+        stats.mixed_precision = mixed.to_dict()
     if config.output_correction != "none":
         from .quantizers.output_correction import fit_output_correction
 

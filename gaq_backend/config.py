@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 # Layers NVIDIA ModelOpt's diffusers recipes keep in full precision (see docs/ecosystem facts in README).
+# the weight bits mixed_precision_budget gives the layers it chooses
+HIGH_PRECISION_BITS = 8
 DEFAULT_KEEP_FP = ["conv_in", "conv_out", "time_embedding", "time_emb_proj", "conv_shortcut"]
 
 
@@ -180,6 +182,14 @@ class QuantConfig(GaqBaseConfig):
     quantize_attention_matmuls: bool = True
     split_skip: bool = True
     keep_fp: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP_FP))
+    # weight bits by layer, {pattern: bits} with keep_fp's matching rules (the first matching pattern wins; the
+    # other layers get w_bits). A model with an entry here is mixed precision, and its report says so
+    w_bits_by_layer: dict[str, int] = field(default_factory=dict)
+    # > 0: before calibration, give 8-bit weights to the layers whose w_bits weights cost most per byte at the
+    # sampler's noisiest steps, while the extra weight bytes stay within this fraction of the w_bits model's weight
+    # bytes (wrapping/mixed_precision.py, MixDQ-style). The layers chosen are added to w_bits_by_layer as exact
+    # ``=name`` entries, so the saved folder reloads without choosing again. Our extension (issue 29)
+    mixed_precision_budget: float = field(default=0.0, metadata={"allowed": "a number from 0 to 1"})
     # with the default keep_fp, also keep the conditioning path, patch embedding and final projection, found in
     # one probe call (wrapping/roles.py); the names found are added to keep_fp of the quantized model's config
     keep_fp_by_role: bool = True
@@ -206,6 +216,16 @@ class QuantConfig(GaqBaseConfig):
         for i, pattern in enumerate(self.keep_fp):
             if not isinstance(pattern, str) or not pattern.strip():
                 raise ConfigError(f"{where}.keep_fp[{i}] must be a layer name or glob; got {pattern!r}")
+        for pattern, bits in self.w_bits_by_layer.items():
+            if not pattern.strip():
+                raise ConfigError(f"{where}.w_bits_by_layer: a key must be a layer name or glob; got {pattern!r}")
+            _bits(bits, f"{where}.w_bits_by_layer.{pattern}", allow_32=False)
+        if not 0.0 <= self.mixed_precision_budget <= 1.0:
+            raise ConfigError(f"{where}.mixed_precision_budget must be a number from 0 to 1 (a fraction of the weight "
+                              f"bytes); got {self.mixed_precision_budget!r}")
+        if self.mixed_precision_budget and self.w_bits >= HIGH_PRECISION_BITS:
+            raise ConfigError(f"{where}.mixed_precision_budget gives layers {HIGH_PRECISION_BITS}-bit weights; "
+                              f"w_bits is already {self.w_bits}")
 
     @property
     def preset_name(self) -> str:

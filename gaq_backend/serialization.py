@@ -85,8 +85,10 @@ def write_quantized(model: nn.Module, folder: str, scheduler_config: dict | None
         cfg = info.config
         recipe = Recipe(model=USER_MODEL, algorithm=cfg.algorithm.name, calibration=cfg.calibration, settings=cfg.algorithm,
                         quantization=dataclasses.replace(cfg, algorithm=None), name="user")
-    elif recipe.quantization.keep_fp != info.config.keep_fp:   # what was kept, with the layers found by role
-        recipe = dataclasses.replace(recipe, quantization=dataclasses.replace(recipe.quantization, keep_fp=list(info.config.keep_fp)))
+    elif (recipe.quantization.keep_fp, recipe.quantization.w_bits_by_layer) != (info.config.keep_fp, info.config.w_bits_by_layer):
+        # what was kept (with the layers found by role) and the weight bits by layer (with those mixed precision chose)
+        recipe = dataclasses.replace(recipe, quantization=dataclasses.replace(
+            recipe.quantization, keep_fp=list(info.config.keep_fp), w_bits_by_layer=dict(info.config.w_bits_by_layer)))
     dump_recipe(recipe, os.path.join(folder, "recipe.yaml"))
     if info.held_out is not None and len(info.held_out):
         held = info.held_out

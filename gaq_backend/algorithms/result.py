@@ -44,6 +44,7 @@ class CalibrationRecord:
     temporal_block: TemporalBlockRecord | str | None = None         # a string says why there was none
     sample_weights: SampleWeights | None = None                     # gradient_aligned's learned weights
     output_correction: dict | None = None                           # quantization.output_correction's table figures
+    mixed_precision: dict | None = None                             # the layers quantization.mixed_precision_budget chose
     extra: dict[str, Any] = field(default_factory=dict)             # a registered third-party algorithm's own (JSON) figures
 
     def to_dict(self) -> dict:
@@ -59,6 +60,8 @@ class CalibrationRecord:
             out["sample_weights"] = self.sample_weights.summary()
         if self.output_correction is not None:
             out["output_correction"] = self.output_correction
+        if self.mixed_precision is not None:
+            out["mixed_precision"] = self.mixed_precision
         return out
 
     def write_files(self, folder: str) -> list[str]:

@@ -29,14 +29,28 @@ class WrapReport:
     attention: list[str] = field(default_factory=list)      # Attention modules with quantized matmuls
     kept: list[str] = field(default_factory=list)           # quantizable but kept in full precision
     split: dict[str, int] = field(default_factory=dict)     # layers with split skip quantizers -> split point
+    w_bits: dict[str, int] = field(default_factory=dict)    # layers whose weights are not at the model's w_bits -> bits
 
     def summary(self) -> str:
         return (f"wrapped {len(self.wrapped)} Conv2d/Linear and {len(self.attention)} attention modules "
                 f"({2 * len(self.attention)} matmuls); kept {len(self.kept)} in full precision; "
-                f"{len(self.split)} with split skip quantizers")
+                f"{len(self.split)} with split skip quantizers"
+                + (f"; {len(self.w_bits)} with other weight bits ({_bits_summary(self.w_bits)})" if self.w_bits else ""))
 
     def to_dict(self) -> dict:
-        return dict(wrapped=self.wrapped, attention=self.attention, kept=self.kept, split=self.split)
+        return dict(wrapped=self.wrapped, attention=self.attention, kept=self.kept, split=self.split, w_bits=self.w_bits)
+
+
+def _bits_summary(by_layer: dict[str, int]) -> str:
+    counts: dict[int, int] = {}
+    for bits in by_layer.values():
+        counts[bits] = counts.get(bits, 0) + 1
+    return ", ".join(f"{n} at {b} bits" for b, n in sorted(counts.items()))
+
+
+def layer_w_bits(name: str, w_bits: int, by_layer: dict[str, int]) -> int:
+    """The weight bits of layer ``name``: the first ``by_layer`` pattern (keep_fp's rules) that matches it."""
+    return next((bits for pattern, bits in by_layer.items() if is_kept(name, [pattern])), w_bits)
 
 
 def is_kept(name: str, patterns: list[str]) -> bool:
@@ -55,22 +69,22 @@ def is_kept(name: str, patterns: list[str]) -> bool:
     return False
 
 
-def check_keep_fp(unet: nn.Module, patterns: list[str]) -> None:
-    """Every ``keep_fp`` entry must match a module: a typo would silently quantize the layer it meant to keep.
-    (The default list, ModelOpt's, names layers that not every UNet has, so it is exempt.)"""
+def check_keep_fp(unet: nn.Module, patterns: list[str], key: str = "quantization.keep_fp") -> None:
+    """Every ``keep_fp`` (or ``w_bits_by_layer``) entry must match a module: a typo would silently quantize the
+    layer it meant to keep. (The default list, ModelOpt's, names layers that not every UNet has, so it is exempt.)"""
     import difflib
 
     from ..config import DEFAULT_KEEP_FP
 
     names = [n for n, _ in unet.named_modules() if n]
     for pat in patterns:
-        if pat in DEFAULT_KEEP_FP:
+        if pat in DEFAULT_KEEP_FP and key == "quantization.keep_fp":
             continue
         if not any(is_kept(n, [pat]) for n in names):
             words = sorted({p for n in names for p in n.split(".") if not p.isdigit()} | set(names))
             close = difflib.get_close_matches(pat, words, n=3, cutoff=0.5)
             hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(names[:3])}"
-            raise UnsupportedLayerError(f"quantization.keep_fp entry {pat!r} matches no layer of this model ({hint})")
+            raise UnsupportedLayerError(f"{key} entry {pat!r} matches no layer of this model ({hint})")
 
 
 def _skip_splits(unet: nn.Module) -> dict[str, int]:
@@ -97,10 +111,13 @@ def _skip_splits(unet: nn.Module) -> dict[str, int]:
 
 def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_symmetric: bool = True,
               a_symmetric: bool = True, quantize_attention_matmuls: bool = True, split_skip: bool = True,
-              w_block_size: int = 0) -> WrapReport:
+              w_block_size: int = 0, w_bits_by_layer: dict[str, int] | None = None) -> WrapReport:
     """Replace, in place, each Conv2d / Linear by its fake-quant twin and each Attention's processor by
-    :class:`QuantAttnProcessor`. Raises :class:`UnsupportedLayerError` on a parametrised layer it cannot handle."""
+    :class:`QuantAttnProcessor`. Raises :class:`UnsupportedLayerError` on a parametrised layer it cannot handle.
+    ``w_bits_by_layer``: weight bits by layer pattern (the first match wins), ``w_bits`` elsewhere."""
     check_keep_fp(unet, keep_fp)
+    by_layer = dict(w_bits_by_layer or {})
+    check_keep_fp(unet, list(by_layer), "quantization.w_bits_by_layer")
     report = WrapReport()
     splits = _skip_splits(unet) if split_skip else {}
     replacements: list[tuple[nn.Module, str, nn.Module]] = []
@@ -123,12 +140,15 @@ def wrap_unet(unet: nn.Module, w_bits: int, a_bits: int, keep_fp: list[str], w_s
                 continue
             parent_name, _, attr = name.rpartition(".")
             parent = unet.get_submodule(parent_name) if parent_name else unet
+            bits = layer_w_bits(name, w_bits, by_layer)
+            if bits != w_bits:
+                report.w_bits[name] = bits
             if isinstance(module, nn.Conv2d):
-                new = QuantConv2d.from_float(module, w_bits, a_bits, w_symmetric, a_symmetric, splits.get(name, 0))
+                new = QuantConv2d.from_float(module, bits, a_bits, w_symmetric, a_symmetric, splits.get(name, 0))
                 if name in splits:
                     report.split[name] = splits[name]
             else:
-                new = QuantLinear.from_float(module, w_bits, a_bits, w_symmetric, a_symmetric, block_size=w_block_size)
+                new = QuantLinear.from_float(module, bits, a_bits, w_symmetric, a_symmetric, block_size=w_block_size)
             replacements.append((parent, attr, new))
             report.wrapped.append(name)
             continue

@@ -176,7 +176,7 @@ def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: Calibr
         calibration = calibration.stored_as(getattr(torch, config.calibration.storage_dtype))
     model.eval()
     config = with_role_keep_fp(model, config, calibration)
-    config, mixed = with_mixed_precision(model, config, calibration)
+    config, mixed = with_mixed_precision(model, config, calibration, progress)
     on_trajectory = config.output_correction_fit == "trajectory"
     fp_model = copy.deepcopy(model).requires_grad_(False) if spec.needs_fp_model or on_trajectory else None
     report = wrap_for_config(model, config)

@@ -29,7 +29,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if report.get("written") is False:   # a torchrun rank other than 0: rank 0 reports and writes
         return 0
     m, t = report["metrics"], report["timings"]
-    print(f"{report['algorithm']} W{report['w_bits']}A{report['a_bits']}: noise_mse {m['noise_mse']:.6f}, "
+    wide = report["layers"].get("w_bits", {})
+    mixed = f" (mixed: {len(wide)} layers at other weight bits, {report['weight_bytes']['extra_fraction']:+.1%} weight bytes)" if wide else ""
+    print(f"{report['algorithm']} W{report['w_bits']}A{report['a_bits']}{mixed}: noise_mse {m['noise_mse']:.6f}, "
           f"sample_mse_vs_fp {m['sample_mse_vs_fp']:.6f}; capture {t['capture']:.1f}s, calibration {t['calibration']:.1f}s, "
           f"total {t['total']:.1f}s")
     print(f"wrote {out}")

@@ -122,6 +122,15 @@ def print_memory_estimate(recipe: Recipe, loaded: LoadedModel, device: torch.dev
     return plan_sweep(loaded.unet, qcfg, row, qcfg.algorithm, log=log, rows=rows, device=device)[1]
 
 
+def weight_bytes(model: torch.nn.Module, w_bits: int) -> dict:
+    """The quantized layers' weight bytes as stored (each at its own bits) and with every one at ``w_bits``."""
+    from .wrapping import quant_layers
+
+    sizes = [(m.weight.numel(), m.weight_quantizers[0].bits) for _, m in quant_layers(model) if m.weight_quantizers[0].enabled]
+    stored, plain = sum(n * b for n, b in sizes) / 8, sum(n for n, _ in sizes) * w_bits / 8
+    return dict(stored=stored, at_w_bits=plain, extra_fraction=stored / plain - 1 if plain else 0.0)
+
+
 def default_out_dir(recipe: Recipe) -> str:
     return os.path.join("out", f"{recipe.name or 'recipe'}-{recipe.algorithm}")
 
@@ -239,6 +248,7 @@ def run_recipe(recipe: Recipe, out_dir: str, progress: bool = True, log=print, o
                                            f"{recipe.sampler.kind} steps, eta {recipe.sampler.eta}"),
         calibration=dict(n_train=len(calib.train), n_val=len(calib.val), n_steps=int(calib.step.max()) + 1, n_groups=calib.n_groups, cache_hit=cached),
         layers=unet.gaq_info.wrap.to_dict(),
+        weight_bytes=weight_bytes(unet, qcfg.w_bits),
         algorithm_stats=unet.gaq_info.stats.to_dict(),
         sensitivity=sensitivity.to_dict() if sensitivity is not None else None,
         environment=dict(gaq=__version__, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),

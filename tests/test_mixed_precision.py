@@ -71,6 +71,8 @@ def test_mixed_folder_reloads_with_8_bit_layers_and_lower_error(runs):
     assert {n for n, b in bits.items() if b == 8} == set(chosen) and set(bits.values()) == {4, 8}
     assert recipe.quantization.w_bits_by_layer == {"=" + n: 8 for n in chosen}
     assert mixed["layers"]["w_bits"] == {n: 8 for n in chosen}
+    assert plain["weight_bytes"]["extra_fraction"] == 0 and plain["layers"]["w_bits"] == {}
+    assert mixed["weight_bytes"]["extra_fraction"] == pytest.approx(mixed["algorithm_stats"]["mixed_precision"]["extra_weight_bytes"])
     codes = {n: m.weight_int for n, m in quant_layers(model)}
     assert all(int(codes[n].abs().max()) <= 8 for n in bits if bits[n] == 4)
     assert max(int(codes[n].abs().max()) for n in chosen) > 8     # the chosen layers use the 8-bit range

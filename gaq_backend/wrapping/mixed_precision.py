@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..config import HIGH_PRECISION_BITS, QuantConfig
 from ..sampling import unet_forward
@@ -46,7 +47,7 @@ class MixedPrecisionChoice:
 
 @torch.no_grad()
 def choose_high_precision_layers(model: nn.Module, config: QuantConfig, calibration, rows: int = 64,
-                                 batch_size: int = 32) -> MixedPrecisionChoice:
+                                 batch_size: int = 32, progress: bool = False) -> MixedPrecisionChoice:
     """The layers of FP ``model`` that ``config.mixed_precision_budget`` gives 8-bit weights (module docstring).
     Layers ``config.w_bits_by_layer`` already sets are left as they are."""
     probe = copy.deepcopy(model).eval()
@@ -67,7 +68,7 @@ def choose_high_precision_layers(model: nn.Module, config: QuantConfig, calibrat
     ref = prediction()
     candidates = [(n, m) for n, m in layers if not any(is_kept(n, [p]) for p in config.w_bits_by_layer)]
     costs: dict[str, float] = {}
-    for name, layer in candidates:
+    for name, layer in tqdm(candidates, desc="mixed precision", unit="layer", disable=not progress, leave=False):
         layer.use_weight_quant = True
         costs[name] = float((prediction() - ref).double().pow(2).sum())
         layer.use_weight_quant = False
@@ -89,11 +90,12 @@ def choose_high_precision_layers(model: nn.Module, config: QuantConfig, calibrat
     return choice
 
 
-def with_mixed_precision(model: nn.Module, config: QuantConfig, calibration) -> tuple[QuantConfig, MixedPrecisionChoice | None]:
+def with_mixed_precision(model: nn.Module, config: QuantConfig, calibration,
+                         progress: bool = False) -> tuple[QuantConfig, MixedPrecisionChoice | None]:
     """``config`` with the chosen layers added to ``w_bits_by_layer`` as exact ``=name`` entries (so the saved
     folder reloads without choosing again), and the choice; ``config`` itself when the budget is 0."""
     if not config.mixed_precision_budget:
         return config, None
-    choice = choose_high_precision_layers(model, config, calibration)
+    choice = choose_high_precision_layers(model, config, calibration, progress=progress)
     added = {"=" + n: HIGH_PRECISION_BITS for n in choice.chosen}
     return dataclasses.replace(config, w_bits_by_layer={**config.w_bits_by_layer, **added}), choice

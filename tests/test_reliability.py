@@ -22,6 +22,21 @@ def _gaq(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "gaq_backend.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
+def _gaq_in_process(*args):
+    """``_gaq`` without the interpreter start (about 4 s a call): the same ``main``, its exit code and stderr."""
+    import contextlib
+    import io
+    import types
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = main(list(args))
+        except SystemExit as e:   # argparse exits
+            rc = e.code
+    return types.SimpleNamespace(returncode=rc, stderr=err.getvalue())
+
+
 def _one_error_line(proc, *needles):
     return assert_one_error_line(proc.returncode, proc.stderr, *needles)
 
@@ -218,13 +233,13 @@ def test_bad_recipe_files_are_one_line_errors(tmp_path, text, needle):
 
 def test_bad_inputs_that_need_the_model_or_files(quantized, tmp_path):
     q = str(quantized["out"])
-    _one_error_line(_gaq("quantize", quantized["recipe"], "--set", "quantization.keep_fp=[conv_ina]", "--out", str(tmp_path / "o")),
+    _one_error_line(_gaq_in_process("quantize", quantized["recipe"], "--set", "quantization.keep_fp=[conv_ina]", "--out", str(tmp_path / "o")),
                     "keep_fp entry 'conv_ina' matches no layer", "closest: conv_in")
-    _one_error_line(_gaq("quantize", quantized["recipe"], "--set", "settings=[1", "--out", str(tmp_path / "o")), "--set settings: not valid YAML")
+    _one_error_line(_gaq_in_process("quantize", quantized["recipe"], "--set", "settings=[1", "--out", str(tmp_path / "o")), "--set settings: not valid YAML")
     (tmp_path / "cachefile").write_text("x")
-    _one_error_line(_gaq("quantize", quantized["recipe"], "--set", f"calibration.cache_dir={tmp_path / 'cachefile'}", "--out",
+    _one_error_line(_gaq_in_process("quantize", quantized["recipe"], "--set", f"calibration.cache_dir={tmp_path / 'cachefile'}", "--out",
                          str(tmp_path / "o")), "cache_dir", "is a file")
-    _one_error_line(_gaq("quantize", quantized["recipe"], "--set", "report.num_samples=2000000000", "--out", str(tmp_path / "o")),
+    _one_error_line(_gaq_in_process("quantize", quantized["recipe"], "--set", "report.num_samples=2000000000", "--out", str(tmp_path / "o")),
                     "report.num_samples", "free memory")
     # broken quantized folders given to export / eval
     import shutil
@@ -238,10 +253,10 @@ def test_bad_inputs_that_need_the_model_or_files(quantized, tmp_path):
             cfg = json.loads((d / "unet_config.json").read_text())
             cfg["block_out_channels"] = [c * 2 for c in cfg["block_out_channels"]]
             (d / "unet_config.json").write_text(json.dumps(cfg))
-        _one_error_line(_gaq("export", str(d), "--out", str(tmp_path / "m.onnx")), needle)
-        _one_error_line(_gaq("eval", str(d), "--num-samples", "4"), needle)
+        _one_error_line(_gaq_in_process("export", str(d), "--out", str(tmp_path / "m.onnx")), needle)
+        _one_error_line(_gaq_in_process("eval", str(d), "--num-samples", "4"), needle)
     (tmp_path / "g.onnx").write_bytes(b"\x00garbage" * 20)
-    _one_error_line(_gaq("sample", "--onnx", str(tmp_path / "g.onnx"), "--out", str(tmp_path / "s.png")), "not a loadable ONNX model")
+    _one_error_line(_gaq_in_process("sample", "--onnx", str(tmp_path / "g.onnx"), "--out", str(tmp_path / "s.png")), "not a loadable ONNX model")
     assert not (tmp_path / "o").exists() and not (tmp_path / "m.onnx").exists() and not (tmp_path / "s.png").exists()
 
 

@@ -96,6 +96,11 @@ def with_mixed_precision(model: nn.Module, config: QuantConfig, calibration,
     folder reloads without choosing again), and the choice; ``config`` itself when the budget is 0."""
     if not config.mixed_precision_budget:
         return config, None
+    from .. import distributed
+
     choice = choose_high_precision_layers(model, config, calibration, progress=progress)
+    # every rank measures the same model on the same rows; a rank that chose otherwise would build another model
+    distributed.check_same(",".join(choice.chosen), "mixed-precision layer choice",
+                           "the ranks measured different costs; set quantization.w_bits_by_layer explicitly")
     added = {"=" + n: HIGH_PRECISION_BITS for n in choice.chosen}
     return dataclasses.replace(config, w_bits_by_layer={**config.w_bits_by_layer, **added}), choice

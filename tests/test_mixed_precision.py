@@ -133,3 +133,17 @@ def test_user_pinned_layers_are_not_candidates(tiny_model_dir):
     choice = choose_high_precision_layers(unet, config, calib)
     assert choice.rows == 3 and not any(n.endswith("conv2") for n in choice.costs)
     assert choice.chosen and not any(n.endswith("conv2") for n in choice.chosen)
+
+
+@pytest.mark.parametrize("seed", range(4))   # DiT, PixArt, SD3, Flux
+def test_diffusion_transformers_get_mixed_weights_that_reload_and_export(tmp_path, seed):
+    import transformer_zoo
+
+    r = transformer_zoo.run_case(transformer_zoo.generate(seed), str(tmp_path), "minmax", 4, 8, export="int4",
+                                 mixed_precision_budget=0.1)
+    q = r["model"]
+    wide = {n for n, m in quant_layers(q) if m.weight_quantizers[0].bits == 8}
+    assert wide and set(q.gaq_info.config.w_bits_by_layer.values()) == {8}
+    assert {n.lstrip("=") for n in q.gaq_info.config.w_bits_by_layer} == wide
+    assert r["reload_rel_error"] == pytest.approx(r["rel_error"], rel=1e-5)
+    assert r["parity"]["max_steps"] <= r["parity"]["bounds"]["max_steps"]

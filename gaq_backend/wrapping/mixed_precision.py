@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,11 +37,12 @@ class MixedPrecisionChoice:
     extra_fraction: float = 0.0    # the extra weight bytes used, same fraction
     share_of_cost: float = 0.0     # the chosen layers' part of the summed single-layer costs
     costs: dict[str, float] = field(default_factory=dict)    # per candidate: error with only its weights quantized
+    seconds: float = 0.0
 
     def to_dict(self) -> dict:
         top = sorted(self.costs.items(), key=lambda kv: -kv[1])[:10]
         return dict(budget=self.budget, rows=self.rows, bits=HIGH_PRECISION_BITS, chosen=self.chosen,
-                    extra_weight_bytes=self.extra_fraction, share_of_summed_cost=self.share_of_cost,
+                    extra_weight_bytes=self.extra_fraction, share_of_summed_cost=self.share_of_cost, seconds=self.seconds,
                     largest_costs=dict(top), metric="sum of squared noise-prediction error against FP, that layer's "
                                                     "weights alone rounded to nearest, noisiest timestep group")
 
@@ -50,6 +52,7 @@ def choose_high_precision_layers(model: nn.Module, config: QuantConfig, calibrat
                                  batch_size: int = 32, progress: bool = False) -> MixedPrecisionChoice:
     """The layers of FP ``model`` that ``config.mixed_precision_budget`` gives 8-bit weights (module docstring).
     Layers ``config.w_bits_by_layer`` already sets are left as they are."""
+    start = time.perf_counter()
     probe = copy.deepcopy(model).eval()
     wrap_unet(probe, config.w_bits, 32, config.keep_fp, config.weight_symmetric, config.act_symmetric, False,
               config.split_skip, config.w_block_size, config.w_bits_by_layer)
@@ -87,6 +90,7 @@ def choose_high_precision_layers(model: nn.Module, config: QuantConfig, calibrat
     total = sum(costs.values())
     choice.extra_fraction = used / base_bits if base_bits else 0.0
     choice.share_of_cost = sum(costs[n] for n in choice.chosen) / total if total > 0 else 0.0
+    choice.seconds = time.perf_counter() - start
     return choice
 
 

@@ -69,7 +69,7 @@ def choose_high_precision_layers(model: nn.Module, config: QuantConfig, calibrat
         return torch.cat([unet_forward(probe, b.x, b.t, b.cond).float() for b in noisy.batches(batch_size)])
 
     ref = prediction()
-    candidates = [(n, m) for n, m in layers if not any(is_kept(n, [p]) for p in config.w_bits_by_layer)]
+    candidates = [(n, m) for n, m in layers if not is_kept(n, list(config.w_bits_by_layer))]
     costs: dict[str, float] = {}
     for name, layer in tqdm(candidates, desc="mixed precision", unit="layer", disable=not progress, leave=False):
         layer.use_weight_quant = True

@@ -4,6 +4,7 @@ Reproduces: docs/benchmarks.md, "Generated UNets: W8A8 fidelity and export parit
     python benchmarks/parity_power.py                      # the table of three cases
     python benchmarks/parity_power.py --seeds 0:80 > runs/power.jsonl   # the layer check over the zoo: false alarms and power
     python benchmarks/parity_power.py --summary runs/power.jsonl        # the figures docs/benchmarks.md shows
+    python benchmarks/parity_power.py --diagnose 0:12     # gaq export --diagnose on 3 planted convs per zoo seed
 
 On generated UNets (tests/unet_zoo.py, calibrated as the zoo benchmark does, one torch thread), in mean output
 INT8 steps: onnxruntime vs PyTorch float32 on the faithful graph, PyTorch float64 vs float32 (what the bound
@@ -73,6 +74,38 @@ def zoo_seeds(seeds: range) -> int:
     return 0
 
 
+def diagnose_seeds(seeds: range) -> int:
+    """Per seed (W8A8 minmax, int8): the first divergence ``gaq export --diagnose`` names on the faithful graph and
+    with a 5% weight-scale error planted in each of three convs (a third, half and five sixths of the way down)."""
+    import torch
+
+    import gaq_backend as gaq
+    from exporters.onnx_export import build_quantized_onnx
+    from exporters.parity_debug import diagnose, scope_of
+    from exporters.parity_reference import held_out_inputs
+    from unet_zoo import build_unet, generate, quant_config, sampling_loop
+
+    torch.set_num_threads(1)
+    named = total = 0
+    for seed in seeds:
+        case = generate(seed)
+        q = gaq.quantize(build_unet(case), quant_config("minmax", 8, 8), forward_loop=sampling_loop(case, 0), progress=False)
+        model, inputs = build_quantized_onnx(q, "int8", 21, {}), held_out_inputs(q, 2)
+        faithful, _ = diagnose(model, q, *inputs)
+        n_convs = sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear" and "/conv" in n.name
+                      and any(i.name == n.input[0] and len(i.dims) == 4 for i in model.graph.initializer))
+        for which in (n_convs // 3, n_convs // 2, 5 * n_convs // 6):
+            bad, scope = plant_scale_defect(model, which)
+            first, rows = diagnose(bad, q, *inputs)
+            at = next(r for r in rows if scope_of(r.name) == scope)
+            named += first is not None and scope_of(first.name) == scope
+            total += 1
+            print(json.dumps(dict(seed=seed, family=case.family, faithful_first=faithful and faithful.name, defect=scope,
+                                  named=first and first.name, drift_at_defect=at.drift, floor_at_defect=at.float_noise)), flush=True)
+    print(f"named the planted conv in {named} of {total}", flush=True)
+    return 0
+
+
 def main() -> int:
     import numpy as np
     import torch
@@ -86,7 +119,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", help="a:b: run the zoo seeds a..b-1 instead of the table (JSON lines on stdout)")
     ap.add_argument("--summary", help="the figures of a --seeds run's JSON lines")
+    ap.add_argument("--diagnose", help="a:b: gaq export --diagnose on planted defects over zoo seeds a..b-1 (JSON lines)")
     args = ap.parse_args()
+    if args.diagnose:
+        a, b = (int(v) for v in args.diagnose.split(":"))
+        return diagnose_seeds(range(a, b))
     if args.summary:
         with open(args.summary, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]

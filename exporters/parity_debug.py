@@ -10,6 +10,14 @@ output of the last node inside its scope. Modules are listed in PyTorch's call o
 
 (the ONNX graph's difference in units of PyTorch's own float-order noise). The first module whose drift
 exceeds ``factor`` is where the divergence starts: everything after it inherits it.
+
+The float64 run rounds every quantizer as the float32 run did (each quantizer's output is pinned to the
+float32 one): a value within float rounding of a rounding boundary may round the other way in float64, and
+such a flip, carried downstream, would raise the noise floor of every later module by the size of the
+quantization step and hide a real defect there (seen on random zoo UNets, and on one CPU and not another).
+So the floor is the float-order noise of the ops between quantizers, which is what onnxruntime differs by
+when it rounds every quantizer as PyTorch does; where it rounds one the other way, that quantizer's module
+is where the drift starts.
 """
 from __future__ import annotations
 
@@ -20,7 +28,8 @@ import onnx
 import torch
 from torch import nn
 
-from gaq_backend.sampling import forward_with_hooks
+from gaq_backend.quantizers import UniformQuantizer
+from gaq_backend.sampling import forward_with_hooks, unet_forward
 
 from .parity_reference import in_float64
 
@@ -48,11 +57,35 @@ def scope_of(module_name: str) -> str:
     return ROOT_SCOPE + "/" + "/".join(parts)
 
 
-def _module_outputs(unet: nn.Module, x, t, cond) -> dict[str, np.ndarray]:
-    """Output of every module called exactly once with one tensor out, in call order."""
+def _module_outputs(unet: nn.Module, x, t, cond, pinned: dict[str, list] | None = None
+                    ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """(output of every module called exactly once with one tensor out, in call order; every quantizer's outputs,
+    in call order). With ``pinned`` (the second item of an earlier call on the same inputs), each quantizer
+    returns its pinned output instead of its own, in this model's dtype (see the module docstring)."""
     outs: dict[str, list] = {}
-    forward_with_hooks(unet, [n for n, _ in unet.named_modules() if n], lambda mod, a, o, n: outs.setdefault(n, []).append(o), x, t, cond)
-    return {n: o[0].detach().double().numpy() for n, o in outs.items() if len(o) == 1 and isinstance(o[0], torch.Tensor)}
+    quantized: dict[str, list] = {}
+    modules = dict(unet.named_modules())
+
+    def quantizer_hook(mod, _args, out, name):
+        calls = quantized.setdefault(name, [])
+        if pinned is not None:
+            out = pinned[name][len(calls)].to(out.dtype)
+        calls.append(out.detach())
+        return out
+
+    def output_hook(_mod, _args, out, name):
+        outs.setdefault(name, []).append(out)
+
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: quantizer_hook(mod, a, o, n))   # first: the later hook sees the pinned output
+             for n, m in modules.items() if isinstance(m, UniformQuantizer)]
+    hooks += [m.register_forward_hook(lambda mod, a, o, n=n: output_hook(mod, a, o, n)) for n, m in modules.items() if n]
+    try:
+        with torch.no_grad():
+            unet_forward(unet, x, t, cond)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: o[0].detach().double().numpy() for n, o in outs.items() if len(o) == 1 and isinstance(o[0], torch.Tensor)}, quantized
 
 
 def _ort_session(model: onnx.ModelProto, wanted: list[str]):
@@ -110,8 +143,8 @@ def diagnose(model: onnx.ModelProto, unet: nn.Module, x: torch.Tensor, t: torch.
         xi = x[i: i + 1].float()
         ti = t.reshape(-1)[i: i + 1]
         ci = {k: (v[i: i + 1].float() if v.is_floating_point() else v[i: i + 1]) for k, v in cond.items()}  # what onnxruntime is fed
-        t32 = _module_outputs(unet, xi, ti, ci)   # unet_forward casts the float inputs to each model's dtype
-        t64 = _module_outputs(unet64, xi, ti.double() if ti.is_floating_point() else ti, ci)
+        t32, rounded = _module_outputs(unet, xi, ti, ci)   # unet_forward casts the float inputs to each model's dtype
+        t64, _ = _module_outputs(unet64, xi, ti.double() if ti.is_floating_point() else ti, ci, pinned=rounded)
         if sess is None:
             nodes = {n: last[scope_of(n)] for n in t32 if scope_of(n) in last and n in t64}
             sess = _ort_session(model, [node.output[0] for node in nodes.values()])

@@ -32,7 +32,6 @@ def test_a_faithful_export_has_no_divergence(exported):
     assert "no module drifts" in report(first, rows, 10.0)
 
 
-@pytest.mark.xfail(strict=False, reason="fails identically at b0869d1, whose CI passed: a dependency resolved since then changes it (not torch 2.13 vs 2.12, onnx 1.23 vs 1.22 or onnxruntime 1.31 vs 1.30; not yet found); the next session fixes it (issue 29 note, 2026-12-04)")
 def test_a_planted_weight_scale_error_is_named_where_it_starts(exported):
     q, model, inputs = exported
     bad = onnx.ModelProto()

@@ -124,9 +124,9 @@ def print_memory_estimate(recipe: Recipe, loaded: LoadedModel, device: torch.dev
 
 def weight_bytes(model: torch.nn.Module, w_bits: int) -> dict:
     """The quantized layers' weight bytes as stored (each at its own bits) and with every one at ``w_bits``."""
-    from .wrapping import quant_layers
+    from .wrapping import weight_sizes
 
-    sizes = [(m.weight.numel(), m.weight_quantizers[0].bits) for _, m in quant_layers(model) if m.weight_quantizers[0].enabled]
+    sizes = weight_sizes(model).values()
     stored, plain = sum(n * b for n, b in sizes) / 8, sum(n for n, _ in sizes) * w_bits / 8
     return dict(stored=stored, at_w_bits=plain, extra_fraction=stored / plain - 1 if plain else 0.0)
 

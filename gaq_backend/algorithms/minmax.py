@@ -11,7 +11,7 @@ from ..calibration import CalibrationSet
 from ..config import AlgorithmConfig, ConfigError, QuantConfig, at_least, within
 from ..quantizers.observers import MinMaxObserver, PercentileObserver, TimestepMinMaxObserver
 from ..quantizers.timestep import install_timestep_hook
-from ..wrapping import quant_layers
+from ..wrapping import fit_weights
 from .common import observing_activations, run_calibration_batches, set_quant_state
 from .registry import register_algorithm
 from .result import CalibrationRecord
@@ -36,12 +36,6 @@ class MinMaxConfig(AlgorithmConfig):
     def check(self, where: str = "settings") -> None:
         if self.timestep_ranges == "per_timestep" and self.act_range != "minmax":
             raise ConfigError(f"{where}.timestep_ranges 'per_timestep' observes min/max per timestep; it needs act_range: minmax")
-
-
-def fit_weights(model: nn.Module, method: str) -> None:
-    for _, layer in quant_layers(model):
-        for w, q in zip(layer.weight_parts(), layer.weight_quantizers):
-            q.fit(w.detach(), method)
 
 
 def fit_activations(model: nn.Module, calib: CalibrationSet, cfg: MinMaxConfig, progress: bool) -> None:

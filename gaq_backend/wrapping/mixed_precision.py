@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from ..config import HIGH_PRECISION_BITS, QuantConfig
 from ..sampling import unet_forward
-from .wrap import is_kept, quant_layers, wrap_unet
+from .wrap import fit_weights, is_kept, quant_layers, weight_sizes, wrap_unet
 
 
 @dataclass
@@ -56,11 +56,9 @@ def choose_high_precision_layers(model: nn.Module, config: QuantConfig, calibrat
     probe = copy.deepcopy(model).eval()
     wrap_unet(probe, config.w_bits, 32, config.keep_fp, config.weight_symmetric, config.act_symmetric, False,
               config.split_skip, config.w_block_size, config.w_bits_by_layer)
-    weight_range = getattr(config.algorithm, "weight_range", "mse")
+    fit_weights(probe, getattr(config.algorithm, "weight_range", "mse"))
     layers = quant_layers(probe)
     for _, layer in layers:
-        for w, q in zip(layer.weight_parts(), layer.weight_quantizers):
-            q.fit(w.detach(), weight_range)
         layer.use_weight_quant = False
     train = calibration.train
     noisy = train.subset(train.group == train.group.max()).spread(rows)
@@ -75,8 +73,8 @@ def choose_high_precision_layers(model: nn.Module, config: QuantConfig, calibrat
         layer.use_weight_quant = True
         costs[name] = float((prediction() - ref).double().pow(2).sum())
         layer.use_weight_quant = False
-    size = {n: m.weight.numel() for n, m in layers}
-    bits = {n: m.weight_quantizers[0].bits for n, m in layers}
+    sizes = weight_sizes(probe)
+    size, bits = {n: k for n, (k, _) in sizes.items()}, {n: b for n, (_, b) in sizes.items()}
     base_bits = sum(size.values()) * config.w_bits
     allowed = config.mixed_precision_budget * base_bits
     choice = MixedPrecisionChoice(config.mixed_precision_budget, len(noisy), costs=costs)

@@ -192,6 +192,18 @@ def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayerMixin]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)]
 
 
+def weight_sizes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Per quantized layer with quantized weights: (weights, bits), the figures weight bytes and budgets are summed from."""
+    return {n: (m.weight.numel(), m.weight_quantizers[0].bits) for n, m in quant_layers(model) if m.weight_quantizers[0].enabled}
+
+
+def fit_weights(model: nn.Module, method: str) -> None:
+    """Every weight quantizer's range fitted to its weight (``max`` or ``mse``): the starting point of every algorithm."""
+    for _, layer in quant_layers(model):
+        for w, q in zip(layer.weight_parts(), layer.weight_quantizers):
+            q.fit(w.detach(), method)
+
+
 def quantizers(model: nn.Module, kind: str = "all"):
     """Yield (name, quantizer) for weight, activation or all quantizers."""
     from ..quantizers import UniformQuantizer

@@ -187,6 +187,10 @@ def quantize_recorded(model: nn.Module, config: QuantConfig, calibration: Calibr
     freeze_weights(model)
     if mixed is not None:
         stats.mixed_precision = mixed.to_dict()
+    if getattr(config.algorithm, "network_iters", 0) and config.a_bits < 32:   # as act_iters: nothing to tune at A32
+        from .algorithms.network_phase import tune_step_sizes
+
+        stats.network_phase = tune_step_sizes(model, calibration, config.algorithm, progress)
     if config.output_correction != "none":
         from .quantizers.output_correction import fit_output_correction
 

@@ -12,7 +12,9 @@ RECON = dict(iters=24, act_iters=12, batch_size=8, seed=3)
 ALGOS = {"minmax": lambda: gaq.MinMaxConfig(),
          "uniform": lambda: gaq.UniformConfig(**RECON),
          "temporal": lambda: gaq.TemporalConfig(**RECON, tib_iters=12),
-         "gradient_aligned": lambda: gaq.GradientAlignedConfig(**RECON, outer_iters=3, outer_batch_size=6, diagnostic_samples=8)}
+         "gradient_aligned": lambda: gaq.GradientAlignedConfig(**RECON, outer_iters=3, outer_batch_size=6, diagnostic_samples=8),
+         # settings.network_iters: each rank runs its rows of every whole-model batch, the gradients summed
+         "uniform+network": lambda: gaq.UniformConfig(**RECON, network_iters=8)}
 
 
 def _calibration(model_dir: str, cache: str, eta: float = 0.0):

@@ -245,3 +245,32 @@ def test_attention_unit_with_all_linears_kept_reconstructs_its_matmul_quantizers
     wrap_unet(model, 4, 8, ["to_q", "to_k", "to_v", "to_out"])
     units = [u for u in reconstruction_units(model) if type(u.module).__name__ == "Attention"]
     assert units and all(not u.layers() and len(u.act_quantizers()) == 4 for u in units)
+
+
+def test_the_network_phase_tunes_every_plain_step_size_from_the_reconstructed_model(tiny_model_dir, tmp_path):
+    """settings.network_iters: after the units, the step sizes are tuned on the whole model against the FP noise
+    prediction; it starts from exactly the model without the phase, lowers the training error, and leaves the
+    temporal block's per-timestep tables as fitted."""
+    import json, os
+    from gaq_backend.calibration import capture_calibration
+    from gaq_backend.config import CalibrationConfig, SamplerConfig
+    from gaq_backend.evaluation import noise_mse
+    from gaq_backend.models import load_unet
+    from gaq_backend.wrapping import quantizers
+
+    sched = json.load(open(os.path.join(tiny_model_dir, "scheduler_config.json")))
+    calib, _ = capture_calibration(load_unet(tiny_model_dir), sched, SamplerConfig(num_inference_steps=10),
+                                   CalibrationConfig(n_per_step=4, interval=2, n_groups=2, val_fraction=0.25, cache_dir=str(tmp_path)), progress=False)
+    models = [quantize(load_unet(tiny_model_dir), QuantConfig(w_bits=4, a_bits=8, keep_fp=[], algorithm=TemporalConfig(
+        iters=4, act_iters=4, tib_iters=4, batch_size=8, network_iters=n)), calib, progress=False) for n in (0, 30)]
+    base, tuned = models
+    net = tuned.gaq_info.stats.network_phase
+    assert base.gaq_info.stats.network_phase is None and "network_phase" in tuned.gaq_info.stats.to_dict()
+    assert net["train_mse_before"] == pytest.approx(noise_mse(base, calib.train)[0], rel=1e-4)
+    assert net["train_mse_after"] < net["train_mse_before"]
+    assert sorted(net["per_timestep_ratio"]) == sorted(f"{float(t):g}" for t in calib.train.t.unique())
+    plain = {n: (a, b) for (n, a), (_, b) in zip(quantizers(base, "act"), quantizers(tuned, "act")) if a.enabled}
+    tables = {n for n, (a, _) in plain.items() if a.timestep_ranges is not None}
+    assert tables and net["step_sizes"] == len(plain) - len(tables)
+    assert all(torch.equal(a.timestep_ranges.scale, b.timestep_ranges.scale) for n, (a, b) in plain.items() if n in tables)
+    assert sum(not torch.equal(a.scale, b.scale) for n, (a, b) in plain.items() if n not in tables) > len(plain) // 2

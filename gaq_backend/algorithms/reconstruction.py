@@ -61,6 +61,9 @@ class ReconstructionConfig(AlgorithmConfig):
     timestep_weighting: Literal["none", "sampling"] = "none"
     timestep_weight_power: float = field(default=0.5, metadata=at_least(0))
     timestep_weight_rows: int = field(default=8, metadata=at_least(1))
+    # Our extension (issue 29), not in the papers: > 0 runs that many Adam steps on every activation step size
+    # jointly, against the FP noise prediction through the whole model, after the units (network_phase.py)
+    network_iters: int = field(default=0, metadata=at_least(0))
 
 
 def per_sample_lp(out: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:

@@ -45,6 +45,7 @@ class CalibrationRecord:
     sample_weights: SampleWeights | None = None                     # gradient_aligned's learned weights
     output_correction: dict | None = None                           # quantization.output_correction's table figures
     mixed_precision: dict | None = None                             # the layers quantization.mixed_precision_budget chose
+    network_phase: dict | None = None                               # settings.network_iters' figures (network_phase.py)
     extra: dict[str, Any] = field(default_factory=dict)             # a registered third-party algorithm's own (JSON) figures
 
     def to_dict(self) -> dict:
@@ -62,6 +63,8 @@ class CalibrationRecord:
             out["output_correction"] = self.output_correction
         if self.mixed_precision is not None:
             out["mixed_precision"] = self.mixed_precision
+        if self.network_phase is not None:
+            out["network_phase"] = self.network_phase
         return out
 
     def write_files(self, folder: str) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from gaq_backend.quantizers import UniformQuantizer
-from gaq_backend.sampling import forward_with_hooks, unet_forward
+from gaq_backend.sampling import forward_with_hooks
 
 from .parity_reference import in_float64
 
@@ -64,27 +64,18 @@ def _module_outputs(unet: nn.Module, x, t, cond, pinned: dict[str, list] | None 
     returns its pinned output instead of its own, in this model's dtype (see the module docstring)."""
     outs: dict[str, list] = {}
     quantized: dict[str, list] = {}
-    modules = dict(unet.named_modules())
+    is_quantizer = {n for n, m in unet.named_modules() if isinstance(m, UniformQuantizer)}
 
-    def quantizer_hook(mod, _args, out, name):
-        calls = quantized.setdefault(name, [])
-        if pinned is not None:
-            out = pinned[name][len(calls)].to(out.dtype)
-        calls.append(out.detach())
+    def hook(_mod, _args, out, name):
+        if name in is_quantizer:
+            calls = quantized.setdefault(name, [])
+            if pinned is not None:
+                out = pinned[name][len(calls)].to(out.dtype)
+            calls.append(out.detach())
+        outs.setdefault(name, []).append(out)
         return out
 
-    def output_hook(_mod, _args, out, name):
-        outs.setdefault(name, []).append(out)
-
-    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: quantizer_hook(mod, a, o, n))   # first: the later hook sees the pinned output
-             for n, m in modules.items() if isinstance(m, UniformQuantizer)]
-    hooks += [m.register_forward_hook(lambda mod, a, o, n=n: output_hook(mod, a, o, n)) for n, m in modules.items() if n]
-    try:
-        with torch.no_grad():
-            unet_forward(unet, x, t, cond)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(unet, [n for n, _ in unet.named_modules() if n], hook, x, t, cond, replace=True)
     return {n: o[0].detach().double().numpy() for n, o in outs.items() if len(o) == 1 and isinstance(o[0], torch.Tensor)}, quantized
 
 

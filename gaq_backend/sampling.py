@@ -47,13 +47,14 @@ def unet_forward(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond: 
 
 
 def forward_with_hooks(model: torch.nn.Module, names: list[str], fn, x: torch.Tensor, t: torch.Tensor,
-                       cond: dict[str, torch.Tensor] | None = None) -> None:
-    """One :func:`unet_forward` call with ``fn(module, args, out, name)`` called after each named module (what it
-    returns is dropped: a forward hook's return value would replace the module's output)."""
+                       cond: dict[str, torch.Tensor] | None = None, replace: bool = False) -> None:
+    """One :func:`unet_forward` call with ``fn(module, args, out, name)`` called after each named module. What it
+    returns is dropped unless ``replace``: then a value other than None replaces the module's output."""
     modules = dict(model.named_modules())
 
     def hook(mod, a, o, n):
-        fn(mod, a, o, n)
+        r = fn(mod, a, o, n)
+        return r if replace else None
 
     hooks = [modules[n].register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n in names]
     try:
